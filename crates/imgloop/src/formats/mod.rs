@@ -1,0 +1,3 @@
+//! The image format drivers, one module per format.
+
+pub mod raw;

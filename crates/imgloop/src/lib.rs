@@ -1,0 +1,38 @@
+//! imgloop: virtual-disk image formats behind one driver API.
+//!
+//! - [`Storage`](storage::Storage): positional byte storage (a file, memory).
+//! - [`Format`](driver::Format) and [`Driver`](driver::Driver): what each
+//!   image format implements.
+//! - [`Image`]: the generic block layer every user goes through.
+//! - [`registry`]: format lookup by name and probing.
+//!
+//! ```
+//! use imgloop::{Image, storage::MemStorage};
+//! use std::sync::Arc;
+//!
+//! let mem = MemStorage::new();
+//! let opts = imgloop::CreateOptions { size: 1 << 20, ..Default::default() };
+//! imgloop::registry::find("raw")?.create(&mem, None, &opts)?;
+//! let img = Image::open_storage(Arc::new(mem), Some("raw"), false, None)?;
+//! img.write(b"hello", 4096)?;
+//! let mut buf = [0u8; 5];
+//! img.read(&mut buf, 4096)?;
+//! assert_eq!(&buf, b"hello");
+//! # Ok::<(), imgloop::Error>(())
+//! ```
+
+pub mod driver;
+pub mod error;
+pub mod formats;
+pub mod image;
+pub mod lock;
+pub mod registry;
+pub mod size;
+pub mod storage;
+pub mod testkit;
+
+pub use driver::{
+    BlockStatus, CheckReport, CreateOptions, Driver, Format, Mapping, Preallocation, RepairMode,
+};
+pub use error::{Error, ErrorKind, Result};
+pub use image::{create, ChainPolicy, Image, ImageInfo, OpenOptions};
