@@ -1,1 +1,73 @@
-fn main() {}
+//! `imgloop`: a qemu-img-compatible command line for virtual-disk images.
+
+mod check;
+mod common;
+mod compare;
+mod convert;
+mod create;
+mod info;
+mod io;
+mod map;
+mod resize;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Create, inspect, convert, compare and edit virtual-disk images.
+///
+/// Subcommands and flags follow qemu-img, so scripts can switch tools.
+#[derive(Parser)]
+#[command(name = "imgloop", version, about, long_about = None, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  imgloop create -f raw disk.img 10G
+  imgloop io -c 'write -P 0xab 1M 64k' disk.img
+  imgloop info --output json disk.img
+  imgloop map disk.img
+  imgloop convert -p -O raw disk.img copy.img
+  imgloop compare disk.img copy.img";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show information about an image.
+    Info(info::Args),
+    /// Create a new image.
+    Create(create::Args),
+    /// Copy an image, possibly into another format.
+    Convert(convert::Args),
+    /// Compare the guest-visible content of two images.
+    Compare(compare::Args),
+    /// Show where the guest data of an image lives.
+    Map(map::Args),
+    /// Check an image's metadata for consistency and optionally repair it.
+    Check(check::Args),
+    /// Change the virtual size of an image.
+    Resize(resize::Args),
+    /// Run scripted I/O commands on an image (like qemu-io).
+    Io(io::Args),
+}
+
+fn main() -> ExitCode {
+    // A closed stdout (e.g. `imgloop map | head`) must end quietly, not panic.
+    // SAFETY: setting SIGPIPE back to its default action has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Create(a) => create::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Compare(a) => compare::run(a),
+        Command::Map(a) => map::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Resize(a) => resize::run(a),
+        Command::Io(a) => io::run(a),
+    };
+    ExitCode::from(code)
+}

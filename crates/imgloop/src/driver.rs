@@ -129,12 +129,16 @@ pub struct CheckReport {
     /// Internal errors that kept the check from completing.
     pub check_errors: u64,
     /// Corruptions found (and not repaired).
+    #[serde(skip_serializing_if = "is_zero")]
     pub corruptions: u64,
     /// Leaked clusters found (and not repaired).
+    #[serde(skip_serializing_if = "is_zero")]
     pub leaks: u64,
     /// Corruptions repaired.
+    #[serde(skip_serializing_if = "is_zero")]
     pub corruptions_fixed: u64,
     /// Leaks repaired.
+    #[serde(skip_serializing_if = "is_zero")]
     pub leaks_fixed: u64,
     /// End of the image's used area in the file.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,17 +147,25 @@ pub struct CheckReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub total_clusters: Option<u64>,
     /// Guest clusters allocated in this layer.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "none_or_zero")]
     pub allocated_clusters: Option<u64>,
     /// Allocated guest clusters not contiguous with the previous one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "none_or_zero")]
     pub fragmented_clusters: Option<u64>,
     /// Compressed guest clusters.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "none_or_zero")]
     pub compressed_clusters: Option<u64>,
     /// Human-readable findings, one per line.
     #[serde(skip)]
     pub messages: Vec<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn none_or_zero(v: &Option<u64>) -> bool {
+    matches!(v, None | Some(0))
 }
 
 /// What a driver may use during an operation: the backing image, for
@@ -261,6 +273,19 @@ pub trait Driver: Send + Sync {
 
     /// Writes `buf` at `offset`, allocating as needed.
     fn write(&self, ctx: &IoCtx, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Size of the units [`write_compressed`](Driver::write_compressed)
+    /// takes, or `None` when the format cannot store compressed data.
+    fn compression_unit(&self) -> Option<u64> {
+        None
+    }
+
+    /// Writes one whole unit of [`compression_unit`](Driver::compression_unit)
+    /// bytes compressed (stored plainly when it does not shrink). Only for
+    /// units never written before, as in `convert -c`.
+    fn write_compressed(&self, _ctx: &IoCtx, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported("Compression not supported for this file format"))
+    }
 
     /// Makes a range read as zeroes. The default writes zero buffers.
     fn write_zeroes(&self, ctx: &IoCtx, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {

@@ -534,6 +534,32 @@ impl Image {
         Ok(())
     }
 
+    /// Size of the units [`write_compressed`](Image::write_compressed)
+    /// takes, or `None` when the format cannot compress.
+    pub fn compression_unit(&self) -> Option<u64> {
+        self.driver.compression_unit()
+    }
+
+    /// Writes one unit compressed (see [`Driver::write_compressed`]). The
+    /// last unit of the disk may be shorter.
+    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("compressed write")?;
+        self.check_bounds(offset, buf.len() as u64)?;
+        let unit = self
+            .driver
+            .compression_unit()
+            .ok_or_else(|| self.err(Error::unsupported("Compression not supported for this file format")))?;
+        if offset % unit != 0 || (buf.len() as u64 != unit && offset + buf.len() as u64 != self.size()) {
+            return Err(self.err(Error::invalid_argument(format!(
+                "compressed writes must cover whole {unit}-byte units"
+            ))));
+        }
+        let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+        self.driver
+            .write_compressed(&self.ctx(), buf, offset)
+            .map_err(|e| self.err(e))
+    }
+
     /// Makes a range read as zeroes. With `may_unmap` the space may be freed.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable("write zeroes")?;

@@ -26,6 +26,7 @@ pub mod error;
 pub mod formats;
 pub mod image;
 pub mod lock;
+pub mod map;
 pub mod registry;
 pub mod size;
 pub mod storage;
@@ -36,3 +37,4 @@ pub use driver::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use image::{create, ChainPolicy, Image, ImageInfo, OpenOptions};
+pub use map::MapEntry;

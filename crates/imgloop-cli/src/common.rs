@@ -1,0 +1,152 @@
+//! Helpers shared by the subcommands.
+
+use imgloop::{Error, Image, OpenOptions, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// `--output` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    /// Text for people.
+    #[default]
+    Human,
+    /// JSON with qemu-img's field names.
+    Json,
+}
+
+/// Prints an error as one line on stderr and returns exit code 1.
+pub fn fail(err: &Error) -> u8 {
+    report(err);
+    1
+}
+
+/// Prints an error as one line on stderr.
+pub fn report(err: &Error) {
+    eprintln!("imgloop: {err}");
+}
+
+/// Opens an image for a subcommand.
+pub fn open(path: &Path, format: Option<&str>, read_only: bool, force_share: bool) -> Result<Image> {
+    let opts = OpenOptions {
+        format: format.map(str::to_string),
+        read_only,
+        force_share,
+        ..Default::default()
+    };
+    Image::open(path, &opts)
+}
+
+/// Prints `value` as JSON indented by four spaces, like qemu-img.
+pub fn print_json<T: Serialize>(value: &T) {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    value
+        .serialize(&mut ser)
+        .expect("serializing plain data cannot fail");
+    out.push(b'\n');
+    let _ = std::io::stdout().write_all(&out);
+}
+
+/// Parses `-o` arguments (`key=value,key=value`, repeatable; a bare `key`
+/// means `key=on`). `,,` stands for a literal comma, as in qemu-img.
+pub fn parse_options(list: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for arg in list {
+        let mut items = Vec::new();
+        let mut cur = String::new();
+        let mut chars = arg.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    items.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        items.push(cur);
+        for item in items.into_iter().filter(|s| !s.is_empty()) {
+            let (k, v) = match item.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (item.clone(), "on".to_string()),
+            };
+            if k.is_empty() {
+                return Err(Error::invalid_argument(format!("invalid option '{item}'")));
+            }
+            map.insert(k, v);
+        }
+    }
+    Ok(map)
+}
+
+/// A qemu-img style progress indicator: `    (42.00/100%)` rewritten in place.
+pub struct Progress {
+    enabled: bool,
+    total: u64,
+    done: AtomicU64,
+    last: Mutex<f64>,
+}
+
+impl Progress {
+    /// A progress indicator over `total` units; prints only when `enabled`.
+    pub fn new(enabled: bool, total: u64) -> Self {
+        let p = Progress {
+            enabled,
+            total: total.max(1),
+            done: AtomicU64::new(0),
+            last: Mutex::new(-1.0),
+        };
+        p.print(0.0, true);
+        p
+    }
+
+    /// Adds `n` finished units.
+    pub fn add(&self, n: u64) {
+        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        let pct = (done as f64 * 100.0 / self.total as f64).min(100.0);
+        self.print(pct, false);
+    }
+
+    fn print(&self, pct: f64, force: bool) {
+        if !self.enabled {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if force || pct - *last >= 1.0 || (pct >= 100.0 && *last < 100.0) {
+            *last = pct;
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "    ({pct:.2}/100%)\r");
+            let _ = out.flush();
+        }
+    }
+
+    /// Ends the indicator line.
+    pub fn finish(&self) {
+        if self.enabled {
+            self.print(100.0, true);
+            println!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_on_single_commas_and_keep_doubled_ones() {
+        let m = parse_options(&["a=1,b=x,,y".into(), "flag".into()]).unwrap();
+        assert_eq!(m["a"], "1");
+        assert_eq!(m["b"], "x,y");
+        assert_eq!(m["flag"], "on");
+        assert!(parse_options(&["=5".into()]).is_err());
+    }
+}

@@ -1,0 +1,337 @@
+//! `imgloop convert`: copy an image, possibly into another format.
+//!
+//! The source is walked by block status first: ranges that read as zeroes
+//! anywhere in the chain are never read, and are not written to a new
+//! target. Data is copied by `-m` worker threads in chunks; zero runs of at
+//! least `-S` bytes inside data are detected and skipped too. Raw to raw
+//! copies allocated extents with `copy_file_range`, so the kernel moves the
+//! bytes (and reflinks them where the filesystem can).
+
+use crate::common::{fail, parse_options, Progress};
+use imgloop::size::parse_size;
+use imgloop::storage::{copy_file_range_all, is_zero};
+use imgloop::{CreateOptions, Error, Image, Mapping, OpenOptions, Result};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+
+/// Largest piece one worker copies at a time.
+const CHUNK: u64 = 2 << 20;
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  imgloop convert -O raw disk.img copy.img
+  imgloop convert -p -f raw -O raw -S 64k big.img sparse-copy.img
+  imgloop convert -n -O raw disk.img /dev/sdX")]
+pub struct Args {
+    /// Source format (probed when not given).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Target format.
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Target format options, `key=value[,...]`.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Write compressed data (formats that support it).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Minimum run of zero bytes treated as sparse (default 4k; 0 writes
+    /// everything, fully allocating the target).
+    #[arg(short = 'S')]
+    sparse: Option<String>,
+    /// Do not create the target; it must exist and be large enough.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Number of parallel workers.
+    #[arg(short = 'm', default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: u32,
+    /// Allow out-of-order writes to the target.
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Open the source without taking locks.
+    #[arg(short = 'U', long)]
+    force_share: bool,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Source image.
+    source: PathBuf,
+    /// Target image.
+    target: PathBuf,
+}
+
+/// One unit of work: a range that is either all zero or holds data.
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    offset: u64,
+    len: u64,
+    zero: bool,
+}
+
+pub fn run(a: Args) -> u8 {
+    match convert(&a) {
+        Ok(()) => 0,
+        Err(e) => fail(&e),
+    }
+}
+
+fn plan(src: &Image) -> Result<Vec<Job>> {
+    let size = src.size();
+    let mut jobs = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let (st, _) = src.block_status_chain(pos, size - pos)?;
+        let zero = st.zero && !st.data;
+        let end = pos + st.len;
+        if zero {
+            match jobs.last_mut() {
+                Some(Job { zero: true, offset, len }) if *offset + *len == pos => *len += st.len,
+                _ => jobs.push(Job {
+                    offset: pos,
+                    len: st.len,
+                    zero: true,
+                }),
+            }
+            pos = end;
+            continue;
+        }
+        // Data: cut on the CHUNK grid so pieces line up with target clusters.
+        while pos < end {
+            let next = ((pos / CHUNK) + 1) * CHUNK;
+            let piece_end = next.min(end);
+            jobs.push(Job {
+                offset: pos,
+                len: piece_end - pos,
+                zero: false,
+            });
+            pos = piece_end;
+        }
+    }
+    Ok(jobs)
+}
+
+fn convert(a: &Args) -> Result<()> {
+    let src = Image::open(
+        &a.source,
+        &OpenOptions {
+            format: a.format.clone(),
+            read_only: true,
+            force_share: a.force_share,
+            ..Default::default()
+        },
+    )?;
+    let sparse_explicit = a.sparse.is_some();
+    let sparse = match &a.sparse {
+        Some(s) => parse_size(s)?,
+        None => 4096,
+    };
+    let options = parse_options(&a.options)?;
+    if !a.no_create {
+        let opts = CreateOptions {
+            size: src.size(),
+            options,
+            ..Default::default()
+        };
+        imgloop::create(&a.target, &a.out_format, &opts)?;
+    } else if !options.is_empty() {
+        return Err(Error::invalid_argument(
+            "-o cannot be used with -n (the target is not created)",
+        ));
+    }
+    let dst = Image::open(&a.target, &OpenOptions::read_write(Some(&a.out_format)))?;
+    if dst.size() < src.size() {
+        return Err(Error::invalid_argument(format!(
+            "target is smaller ({} bytes) than the source ({} bytes)",
+            dst.size(),
+            src.size()
+        ))
+        .in_file(&a.target));
+    }
+    if a.compress && dst.compression_unit().is_none() {
+        return Err(
+            Error::unsupported("Compression not supported for this file format").in_file(&a.target),
+        );
+    }
+    // A freshly created image reads as zeroes: zero ranges need no writes.
+    let target_zero = !a.no_create;
+    let copy_offload = src.format() == "raw"
+        && dst.format() == "raw"
+        && !a.compress
+        && !sparse_explicit
+        && src.driver().data_storage().as_file().is_some()
+        && dst.driver().data_storage().as_file().is_some();
+
+    let jobs = plan(&src)?;
+    let progress = Progress::new(a.progress && !a.quiet, src.size());
+    let ctx = Copier {
+        src: &src,
+        dst: &dst,
+        sparse,
+        target_zero,
+        copy_offload,
+        compress: a.compress,
+        ordered: !a.out_of_order,
+        next_job: AtomicUsize::new(0),
+        next_write: Mutex::new(0),
+        turn: Condvar::new(),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+        progress: &progress,
+        jobs: &jobs,
+    };
+    let workers = (a.workers as usize).min(jobs.len()).max(1);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| ctx.worker());
+        }
+    });
+    if let Some(e) = ctx.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    progress.finish();
+    dst.sync()?;
+    dst.close()?;
+    Ok(())
+}
+
+struct Copier<'a> {
+    src: &'a Image,
+    dst: &'a Image,
+    sparse: u64,
+    target_zero: bool,
+    copy_offload: bool,
+    compress: bool,
+    ordered: bool,
+    next_job: AtomicUsize,
+    next_write: Mutex<usize>,
+    turn: Condvar,
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+    progress: &'a Progress,
+    jobs: &'a [Job],
+}
+
+impl Copier<'_> {
+    fn worker(&self) {
+        let mut buf = Vec::new();
+        loop {
+            let i = self.next_job.fetch_add(1, Ordering::Relaxed);
+            if i >= self.jobs.len() || self.failed.load(Ordering::Relaxed) {
+                // Wake anyone waiting for a turn that will never come.
+                self.turn.notify_all();
+                return;
+            }
+            let job = self.jobs[i];
+            if let Err(e) = self.do_job(i, job, &mut buf) {
+                self.failed.store(true, Ordering::Relaxed);
+                let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(e);
+                self.turn.notify_all();
+                return;
+            }
+            self.progress.add(job.len);
+        }
+    }
+
+    /// Runs `write` when it is job `i`'s turn (always, with -W).
+    fn in_turn(&self, i: usize, write: impl FnOnce() -> Result<()>) -> Result<()> {
+        if !self.ordered {
+            return write();
+        }
+        let mut next = self.next_write.lock().unwrap_or_else(|e| e.into_inner());
+        while *next != i {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            next = self.turn.wait(next).unwrap_or_else(|e| e.into_inner());
+        }
+        let r = write();
+        *next += 1;
+        self.turn.notify_all();
+        r
+    }
+
+    fn do_job(&self, i: usize, job: Job, buf: &mut Vec<u8>) -> Result<()> {
+        if job.zero {
+            return self.in_turn(i, || self.write_zero(job.offset, job.len));
+        }
+        if self.copy_offload {
+            if let (Mapping::Data { host_offset }, n) = self.src.driver().map(job.offset, job.len)? {
+                if n >= job.len {
+                    return self.in_turn(i, || self.offload(host_offset, job));
+                }
+            }
+        }
+        buf.resize(job.len as usize, 0);
+        let data = &mut buf[..job.len as usize];
+        self.src.read(data, job.offset)?;
+        self.in_turn(i, || self.write_data(data, job.offset))
+    }
+
+    fn offload(&self, host_offset: u64, job: Job) -> Result<()> {
+        let src = self.src.driver().data_storage();
+        let dst = self.dst.driver().data_storage();
+        let (Some(sf), Some(df)) = (src.as_file(), dst.as_file()) else {
+            return Err(Error::unsupported("copy offload needs host files"));
+        };
+        copy_file_range_all(&sf, host_offset, &df, job.offset, job.len)
+            .map_err(|e| Error::io("copying", e).in_file(self.dst.name()))
+    }
+
+    fn write_zero(&self, offset: u64, len: u64) -> Result<()> {
+        if self.target_zero && self.sparse > 0 {
+            return Ok(());
+        }
+        // -S 0 asks for a fully allocated target: keep the zeroes allocated.
+        self.dst.write_zeroes(offset, len, self.sparse > 0)
+    }
+
+    fn write_data(&self, data: &[u8], offset: u64) -> Result<()> {
+        if self.compress {
+            return self.write_compressed(data, offset);
+        }
+        if self.sparse == 0 {
+            return self.dst.write(data, offset);
+        }
+        // Split into runs of zero and non-zero granules of `sparse` bytes.
+        let g = self.sparse as usize;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let first_end = (pos + g).min(data.len());
+            let zero = is_zero(&data[pos..first_end]);
+            let mut end = first_end;
+            while end < data.len() {
+                let next = (end + g).min(data.len());
+                if is_zero(&data[end..next]) != zero {
+                    break;
+                }
+                end = next;
+            }
+            let off = offset + pos as u64;
+            if zero {
+                self.write_zero(off, (end - pos) as u64)?;
+            } else {
+                self.dst.write(&data[pos..end], off)?;
+            }
+            pos = end;
+        }
+        Ok(())
+    }
+
+    fn write_compressed(&self, data: &[u8], offset: u64) -> Result<()> {
+        let unit = self.dst.compression_unit().unwrap_or(data.len() as u64) as usize;
+        for (k, piece) in data.chunks(unit).enumerate() {
+            let off = offset + (k * unit) as u64;
+            if is_zero(piece) {
+                self.write_zero(off, piece.len() as u64)?;
+            } else {
+                self.dst.write_compressed(piece, off)?;
+            }
+        }
+        Ok(())
+    }
+}

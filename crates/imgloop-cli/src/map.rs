@@ -1,0 +1,99 @@
+//! `imgloop map`.
+
+use crate::common::{fail, open, Output};
+use imgloop::size::parse_size;
+use imgloop::MapEntry;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  imgloop map disk.img
+  imgloop map --output json overlay.qcow2
+  imgloop map --output json --start-offset 1G --max-length 64M disk.img")]
+pub struct Args {
+    /// Image format (probed when not given).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// First guest offset to map.
+    #[arg(long = "start-offset", short = 's', value_parser = size_arg)]
+    start_offset: Option<u64>,
+    /// Map at most this many bytes.
+    #[arg(long = "max-length", short = 'l', value_parser = size_arg)]
+    max_length: Option<u64>,
+    /// Open without taking locks (the image may be in use).
+    #[arg(short = 'U', long)]
+    force_share: bool,
+    /// The image file.
+    file: PathBuf,
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// One entry as `qemu-img map --output=json` prints it (one line each).
+pub fn json_line(e: &MapEntry) -> String {
+    let mut s = format!(
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+    );
+    if let Some(o) = e.offset {
+        s.push_str(&format!(", \"offset\": {o}"));
+    }
+    s.push('}');
+    s
+}
+
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+pub fn run(a: Args) -> u8 {
+    let img = match open(&a.file, a.format.as_deref(), true, a.force_share) {
+        Ok(i) => i,
+        Err(e) => return fail(&e),
+    };
+    let start = a.start_offset.unwrap_or(0);
+    let len = a.max_length.unwrap_or(u64::MAX);
+    let entries = match img.map_entries(start, len) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match a.output {
+        Output::Json => {
+            let lines: Vec<String> = entries.iter().map(json_line).collect();
+            let _ = writeln!(out, "[{}]", lines.join(",\n"));
+        }
+        Output::Human => {
+            let chain = img.chain();
+            let _ = writeln!(
+                out,
+                "{:<16}{:<16}{:<16}File",
+                "Offset", "Length", "Mapped to"
+            );
+            for e in entries.iter().filter(|e| e.data) {
+                if let Some(o) = e.offset {
+                    let _ = writeln!(
+                        out,
+                        "{:<16}{:<16}{:<16}{}",
+                        hex(e.start),
+                        hex(e.length),
+                        hex(o),
+                        chain[e.depth].name()
+                    );
+                }
+            }
+        }
+    }
+    let _ = out.flush();
+    0
+}
