@@ -25,13 +25,15 @@ enum Repair {
 }
 
 #[derive(clap::Args)]
-#[command(after_help = "Exit codes: 0 no errors, 1 check not completed, 2 corruptions found,
+#[command(
+    after_help = "Exit codes: 0 no errors, 1 check not completed, 2 corruptions found,
 3 leaks found (no corruptions), 63 the format does not support checks.
 
 Examples:
   imgloop check disk.qcow2
   imgloop check -r leaks disk.qcow2
-  imgloop check --output json disk.qcow2")]
+  imgloop check --output json disk.qcow2"
+)]
 pub struct Args {
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format")]
@@ -124,7 +126,12 @@ pub fn run(a: Args) -> u8 {
         Repair::Leaks => RepairMode::Leaks,
         Repair::All => RepairMode::All,
     });
-    let img = match open(&a.file, a.format.as_deref(), repair.is_none(), a.force_share) {
+    let img = match open(
+        &a.file,
+        a.format.as_deref(),
+        repair.is_none(),
+        a.force_share,
+    ) {
         Ok(i) => i,
         Err(e) => {
             report(&e);

@@ -30,7 +30,12 @@ pub fn report(err: &Error) {
 }
 
 /// Opens an image for a subcommand.
-pub fn open(path: &Path, format: Option<&str>, read_only: bool, force_share: bool) -> Result<Image> {
+pub fn open(
+    path: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    force_share: bool,
+) -> Result<Image> {
     let opts = OpenOptions {
         format: format.map(str::to_string),
         read_only,

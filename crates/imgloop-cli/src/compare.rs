@@ -14,14 +14,16 @@ const EXIT_ERROR: u8 = 2;
 const CHUNK: u64 = 4 << 20;
 
 #[derive(clap::Args)]
-#[command(after_help = "Exit codes: 0 the images are identical, 1 they differ (the first
+#[command(
+    after_help = "Exit codes: 0 the images are identical, 1 they differ (the first
 differing sector's offset is printed), 2 an error occurred.
 Images of different sizes compare equal when the longer one holds only
 zeroes past the end of the shorter, unless -s (strict) is given.
 
 Examples:
   imgloop compare disk.img copy.img
-  imgloop compare -f qcow2 -F raw disk.qcow2 disk.raw")]
+  imgloop compare -f qcow2 -F raw disk.qcow2 disk.raw"
+)]
 pub struct Args {
     /// Format of the first image (probed when not given).
     #[arg(short = 'f')]
@@ -78,14 +80,19 @@ pub fn run(a: Args) -> u8 {
 
 fn mismatch(offset: u64) -> Outcome {
     // qemu-img reports the start of the first differing 512-byte sector.
-    Outcome::Different(format!("Content mismatch at offset {}!", offset / 512 * 512))
+    Outcome::Different(format!(
+        "Content mismatch at offset {}!",
+        offset / 512 * 512
+    ))
 }
 
 fn compare(ia: &Image, ib: &Image, a: &Args) -> Result<Outcome> {
     let (sa, sb) = (ia.size(), ib.size());
     if sa != sb {
         if a.strict {
-            return Ok(Outcome::Different("Strict mode: Image size mismatch!".into()));
+            return Ok(Outcome::Different(
+                "Strict mode: Image size mismatch!".into(),
+            ));
         }
         if !a.quiet {
             println!("Warning: Image size mismatch!");
@@ -107,8 +114,8 @@ fn compare(ia: &Image, ib: &Image, a: &Args) -> Result<Outcome> {
                 "Strict mode: Offset {pos} block status mismatch!"
             )));
         }
-        let zero_a = st_a.zero && !st_a.data;
-        let zero_b = st_b.zero && !st_b.data;
+        let zero_a = st_a.zero;
+        let zero_b = st_b.zero;
         if !(zero_a && zero_b) {
             let len = n as usize;
             if !zero_a {
@@ -138,7 +145,7 @@ fn compare(ia: &Image, ib: &Image, a: &Args) -> Result<Outcome> {
     while pos < longer.size() {
         let want = CHUNK.min(longer.size() - pos);
         let (st, _) = longer.block_status_chain(pos, want)?;
-        if !(st.zero && !st.data) {
+        if !st.zero {
             let len = st.len as usize;
             longer.read(&mut buf[..len], pos)?;
             if let Some(d) = first_nonzero(&buf[..len]) {

@@ -85,11 +85,15 @@ fn plan(src: &Image) -> Result<Vec<Job>> {
     let mut pos = 0;
     while pos < size {
         let (st, _) = src.block_status_chain(pos, size - pos)?;
-        let zero = st.zero && !st.data;
+        let zero = st.zero;
         let end = pos + st.len;
         if zero {
             match jobs.last_mut() {
-                Some(Job { zero: true, offset, len }) if *offset + *len == pos => *len += st.len,
+                Some(Job {
+                    zero: true,
+                    offset,
+                    len,
+                }) if *offset + *len == pos => *len += st.len,
                 _ => jobs.push(Job {
                     offset: pos,
                     len: st.len,
@@ -260,7 +264,9 @@ impl Copier<'_> {
             return self.in_turn(i, || self.write_zero(job.offset, job.len));
         }
         if self.copy_offload {
-            if let (Mapping::Data { host_offset }, n) = self.src.driver().map(job.offset, job.len)? {
+            if let (Mapping::Data { host_offset }, n) =
+                self.src.driver().map(job.offset, job.len)?
+            {
                 if n >= job.len {
                     return self.in_turn(i, || self.offload(host_offset, job));
                 }

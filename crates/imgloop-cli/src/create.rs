@@ -61,7 +61,15 @@ fn create(a: Args) -> imgloop::Result<()> {
     }
     let backing = a.backing.or_else(|| options.remove("backing_file"));
     let backing_fmt = a.backing_format.or_else(|| options.remove("backing_fmt"));
-    create_with(file, &a.format, size, options, backing, backing_fmt, a.quiet)
+    create_with(
+        file,
+        &a.format,
+        size,
+        options,
+        backing,
+        backing_fmt,
+        a.quiet,
+    )
 }
 
 fn create_with(
@@ -74,7 +82,9 @@ fn create_with(
     quiet: bool,
 ) -> imgloop::Result<()> {
     if size.is_none() && backing.is_none() {
-        return Err(Error::invalid_argument("Image creation needs a size parameter").in_file(&file));
+        return Err(
+            Error::invalid_argument("Image creation needs a size parameter").in_file(&file),
+        );
     }
     let opts = CreateOptions {
         size: size.unwrap_or(0),

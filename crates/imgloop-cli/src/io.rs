@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
-#[command(after_help = "Commands (-c, repeatable, run in order; the first failure stops the run):
+#[command(
+    after_help = "Commands (-c, repeatable, run in order; the first failure stops the run):
   read [-P PATTERN] OFFSET LENGTH     read; with -P verify every byte equals PATTERN
   write [-P PATTERN] [-z [-u]] OFFSET LENGTH
                                       write PATTERN (default 0xcd) or, with -z, zeroes
@@ -15,12 +16,14 @@ use std::time::Instant;
   discard OFFSET LENGTH               discard (deallocate) a range
   flush                               make all writes durable
   map                                 show which ranges are allocated in the image
+  sleep MILLISECONDS                  pause (keeps the image open and locked)
 Offsets and lengths take suffixes k, M, G, T (1024-based).
 
 Examples:
   imgloop io -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' disk.img
   imgloop io -f raw -c 'write -z 1M 1M' -c flush disk.img
-  imgloop io -r -c map disk.img")]
+  imgloop io -r -c map disk.img"
+)]
 pub struct Args {
     /// Image format (probed when not given).
     #[arg(short = 'f', long = "format")]
@@ -175,7 +178,9 @@ fn run_one(img: &Image, cmd: &str, quiet: bool) -> Result<()> {
             let (off, len) = range(&p, name)?;
             if p.zero {
                 if p.pattern.is_some() {
-                    return Err(Error::invalid_argument("write: -z and -P exclude each other"));
+                    return Err(Error::invalid_argument(
+                        "write: -z and -P exclude each other",
+                    ));
                 }
                 img.write_zeroes(off, len, p.unmap)?;
             } else {
@@ -197,6 +202,14 @@ fn run_one(img: &Image, cmd: &str, quiet: bool) -> Result<()> {
             say(stats(len, start));
         }
         "flush" | "f" => img.sync()?,
+        "sleep" => {
+            let ms: u64 = p
+                .pos
+                .first()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| Error::invalid_argument("sleep: expected MILLISECONDS"))?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         "map" => {
             let mut pos = 0;
             while pos < img.size() {
@@ -205,7 +218,11 @@ fn run_one(img: &Image, cmd: &str, quiet: bool) -> Result<()> {
                     "{} ({:#x}) bytes {:>13} at offset {} ({:#x})",
                     human_size(s.len),
                     s.len,
-                    if s.allocated { "allocated" } else { "not allocated" },
+                    if s.allocated {
+                        "allocated"
+                    } else {
+                        "not allocated"
+                    },
                     human_size(pos),
                     pos
                 ));
@@ -214,7 +231,7 @@ fn run_one(img: &Image, cmd: &str, quiet: bool) -> Result<()> {
         }
         other => {
             return Err(Error::invalid_argument(format!(
-                "unknown command '{other}' (known: read, write, discard, flush, map)"
+                "unknown command '{other}' (known: read, write, discard, flush, map, sleep)"
             )))
         }
     }

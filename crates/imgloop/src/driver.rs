@@ -284,7 +284,9 @@ pub trait Driver: Send + Sync {
     /// bytes compressed (stored plainly when it does not shrink). Only for
     /// units never written before, as in `convert -c`.
     fn write_compressed(&self, _ctx: &IoCtx, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::unsupported("Compression not supported for this file format"))
+        Err(Error::unsupported(
+            "Compression not supported for this file format",
+        ))
     }
 
     /// Makes a range read as zeroes. The default writes zero buffers.
@@ -346,7 +348,9 @@ pub trait Driver: Send + Sync {
 
     /// Checks (and with `repair`, repairs) the image's metadata.
     fn check(&self, _repair: Option<RepairMode>) -> Result<CheckReport> {
-        Err(Error::unsupported("This image format does not support checks"))
+        Err(Error::unsupported(
+            "This image format does not support checks",
+        ))
     }
 
     /// Called when the image switches between read-only and read-write
@@ -438,5 +442,10 @@ pub trait Format: Send + Sync {
 
     /// Writes a new, empty image on `storage` (already created and empty).
     /// `path` is where it lives, for formats that create companion files.
-    fn create(&self, storage: &dyn Storage, path: Option<&Path>, opts: &CreateOptions) -> Result<()>;
+    fn create(
+        &self,
+        storage: &dyn Storage,
+        path: Option<&Path>,
+        opts: &CreateOptions,
+    ) -> Result<()>;
 }

@@ -226,7 +226,10 @@ mod tests {
     #[test]
     fn display_names_file_structure_and_offset() {
         let e = Error::invalid_format("header", 0x48, "bad magic").in_file("/tmp/x.img");
-        assert_eq!(e.to_string(), "/tmp/x.img: bad magic (header at offset 0x48)");
+        assert_eq!(
+            e.to_string(),
+            "/tmp/x.img: bad magic (header at offset 0x48)"
+        );
         assert_eq!(e.kind(), ErrorKind::InvalidFormat);
     }
 

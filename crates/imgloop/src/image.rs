@@ -8,8 +8,8 @@
 //! policy ([`ChainPolicy`]).
 
 use crate::driver::{
-    BackingRef, BlockStatus, CheckReport, CreateOptions, Driver, DriverOpenOptions, IoCtx,
-    Mapping, Preallocation, RepairMode, ZeroFlags,
+    BackingRef, BlockStatus, CheckReport, CreateOptions, Driver, DriverOpenOptions, IoCtx, Mapping,
+    Preallocation, RepairMode, ZeroFlags,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::{ImageLock, LockMode};
@@ -206,8 +206,8 @@ impl Image {
             )
             .in_file(path));
         }
-        let meta = std::fs::metadata(path)
-            .map_err(|e| Error::io("could not open", e).in_file(path))?;
+        let meta =
+            std::fs::metadata(path).map_err(|e| Error::io("could not open", e).in_file(path))?;
         if meta.is_dir() {
             return Err(Error::invalid_argument("is a directory, not an image file").in_file(path));
         }
@@ -236,13 +236,15 @@ impl Image {
             LockMode::Exclusive
         };
         let lock = ImageLock::acquire(path, lock_mode)?;
-        let (fmt, probed) = pick_format(&*storage, opts.format.as_deref(), path)
-            .map_err(|e| e.in_file(path))?;
+        let (fmt, probed) =
+            pick_format(&*storage, opts.format.as_deref(), path).map_err(|e| e.in_file(path))?;
         let dopts = DriverOpenOptions {
             read_only: opts.read_only,
             options: opts.driver_options.clone(),
         };
-        let driver = fmt.open(storage.clone(), &dopts).map_err(|e| e.in_file(path))?;
+        let driver = fmt
+            .open(storage.clone(), &dopts)
+            .map_err(|e| e.in_file(path))?;
         let backing_ref = driver.backing();
         let mut full_backing = None;
         let mut backing = None;
@@ -433,7 +435,10 @@ impl Image {
                     Some(b) => b.read_zero_extended(part, pos)?,
                     None => part.fill(0),
                 },
-                Mapping::Special => self.driver.read_special(part, pos).map_err(|e| self.err(e))?,
+                Mapping::Special => self
+                    .driver
+                    .read_special(part, pos)
+                    .map_err(|e| self.err(e))?,
             }
             done += n;
         }
@@ -545,11 +550,14 @@ impl Image {
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable("compressed write")?;
         self.check_bounds(offset, buf.len() as u64)?;
-        let unit = self
-            .driver
-            .compression_unit()
-            .ok_or_else(|| self.err(Error::unsupported("Compression not supported for this file format")))?;
-        if offset % unit != 0 || (buf.len() as u64 != unit && offset + buf.len() as u64 != self.size()) {
+        let unit = self.driver.compression_unit().ok_or_else(|| {
+            self.err(Error::unsupported(
+                "Compression not supported for this file format",
+            ))
+        })?;
+        if !offset.is_multiple_of(unit)
+            || (buf.len() as u64 != unit && offset + buf.len() as u64 != self.size())
+        {
             return Err(self.err(Error::invalid_argument(format!(
                 "compressed writes must cover whole {unit}-byte units"
             ))));
@@ -709,10 +717,7 @@ impl Image {
             dirty_flag: di.dirty,
             cluster_size: di.cluster_size,
             backing_filename: self.backing_ref.as_ref().map(|b| b.filename.clone()),
-            full_backing_filename: self
-                .full_backing
-                .as_ref()
-                .map(|p| p.display().to_string()),
+            full_backing_filename: self.full_backing.as_ref().map(|p| p.display().to_string()),
             backing_filename_format: self.backing_ref.as_ref().and_then(|b| b.format.clone()),
             format_specific: di.format_specific,
             format_specific_lines: di.human_lines,
@@ -809,7 +814,9 @@ fn pick_format(
     if let Some(f) = format {
         return Ok((registry::find(f)?, false));
     }
-    let len = storage.len().map_err(|e| Error::io("reading file size", e))?;
+    let len = storage
+        .len()
+        .map_err(|e| Error::io("reading file size", e))?;
     let mut head = vec![0u8; (PROBE_BYTES as u64).min(len) as usize];
     storage
         .read_at(&mut head, 0)
@@ -882,8 +889,14 @@ mod tests {
     fn reads_and_writes_outside_the_disk_are_refused() {
         let (_m, img) = mem_raw(4096);
         let mut b = [0u8; 10];
-        assert_eq!(img.read(&mut b, 4090).unwrap_err().kind(), ErrorKind::OutOfBounds);
-        assert_eq!(img.write(&b, u64::MAX - 2).unwrap_err().kind(), ErrorKind::OutOfBounds);
+        assert_eq!(
+            img.read(&mut b, 4090).unwrap_err().kind(),
+            ErrorKind::OutOfBounds
+        );
+        assert_eq!(
+            img.write(&b, u64::MAX - 2).unwrap_err().kind(),
+            ErrorKind::OutOfBounds
+        );
         assert_eq!(
             img.write_zeroes(4000, 100, false).unwrap_err().kind(),
             ErrorKind::OutOfBounds
@@ -896,8 +909,14 @@ mod tests {
         let mem = MemStorage::from_bytes(&[1u8; 8192]);
         let img = Image::open_storage(Arc::new(mem.clone()), Some("raw"), true, None).unwrap();
         assert_eq!(img.write(&[0], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
-        assert_eq!(img.write_zeroes(0, 10, true).unwrap_err().kind(), ErrorKind::ReadOnly);
-        assert_eq!(img.discard(0, 4096).unwrap_err().kind(), ErrorKind::ReadOnly);
+        assert_eq!(
+            img.write_zeroes(0, 10, true).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        assert_eq!(
+            img.discard(0, 4096).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
         assert_eq!(
             img.resize(0, Preallocation::Off, true).unwrap_err().kind(),
             ErrorKind::ReadOnly

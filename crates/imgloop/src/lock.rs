@@ -184,10 +184,7 @@ fn set_lock(fd: &File, byte: i64, on: bool) -> Result<()> {
     let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
     if r < 0 {
         let err = io::Error::last_os_error();
-        if matches!(
-            err.raw_os_error(),
-            Some(libc::EAGAIN) | Some(libc::EACCES)
-        ) {
+        if matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
             return Err(Error::new(
                 ErrorKind::InUse,
                 "image is in use by another process",

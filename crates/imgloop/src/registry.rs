@@ -14,7 +14,16 @@ pub fn formats() -> &'static [&'static dyn Format] {
 }
 
 /// Format names the project plans to support but that have no driver yet.
-const PLANNED: &[&str] = &["qcow2", "qcow", "vhdx", "parallels", "cow", "vpc", "vmdk", "vdi"];
+const PLANNED: &[&str] = &[
+    "qcow2",
+    "qcow",
+    "vhdx",
+    "parallels",
+    "cow",
+    "vpc",
+    "vmdk",
+    "vdi",
+];
 
 /// The format called `name` (as qemu-img spells it).
 pub fn find(name: &str) -> Result<&'static dyn Format> {

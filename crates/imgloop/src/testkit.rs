@@ -62,7 +62,11 @@ impl Model {
             if g != want && !(self.loose[pos] && g == 0) {
                 return Err(format!(
                     "byte at offset {pos}: read {g:#04x}, expected {want:#04x}{}",
-                    if self.loose[pos] { " or 0 (discarded)" } else { "" }
+                    if self.loose[pos] {
+                        " or 0 (discarded)"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
@@ -196,9 +200,15 @@ mod tests {
 
     #[test]
     fn the_generator_is_deterministic_per_seed() {
-        let a: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
-        let b: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
-        let c: Vec<u64> = (0..5).scan(Rng::new(8), |r, _| Some(r.next_u64())).collect();
+        let a: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        let c: Vec<u64> = (0..5)
+            .scan(Rng::new(8), |r, _| Some(r.next_u64()))
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -36,8 +36,14 @@ impl Format for RawFormat {
         1
     }
 
-    fn open(&self, storage: Arc<dyn Storage>, _opts: &DriverOpenOptions) -> Result<Box<dyn Driver>> {
-        let size = storage.len().map_err(|e| Error::io("reading file size", e))?;
+    fn open(
+        &self,
+        storage: Arc<dyn Storage>,
+        _opts: &DriverOpenOptions,
+    ) -> Result<Box<dyn Driver>> {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io("reading file size", e))?;
         Ok(Box::new(RawDriver {
             storage,
             size: AtomicU64::new(size),
@@ -48,7 +54,12 @@ impl Format for RawFormat {
         OPTIONS
     }
 
-    fn create(&self, storage: &dyn Storage, _path: Option<&Path>, opts: &CreateOptions) -> Result<()> {
+    fn create(
+        &self,
+        storage: &dyn Storage,
+        _path: Option<&Path>,
+        opts: &CreateOptions,
+    ) -> Result<()> {
         opts.check_known(self)?;
         if opts.backing_file.is_some() {
             return Err(Error::unsupported(
@@ -104,7 +115,12 @@ impl Driver for RawDriver {
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
-        Ok((Mapping::Data { host_offset: offset }, max_len))
+        Ok((
+            Mapping::Data {
+                host_offset: offset,
+            },
+            max_len,
+        ))
     }
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
@@ -219,7 +235,10 @@ mod tests {
         let s = d.block_status(0, 1 << 20).unwrap();
         assert_eq!((s.data, s.zero, s.len), (false, true, 65536));
         let s = d.block_status(65536, 1 << 20).unwrap();
-        assert_eq!((s.data, s.zero, s.len, s.offset), (true, false, 4096, Some(65536)));
+        assert_eq!(
+            (s.data, s.zero, s.len, s.offset),
+            (true, false, 4096, Some(65536))
+        );
     }
 
     #[test]
@@ -235,7 +254,8 @@ mod tests {
     fn resize_grows_and_shrinks_the_file() {
         let mem = MemStorage::from_bytes(&[1u8; 8192]);
         let d = open(&mem);
-        d.resize(&IoCtx::none(), 1 << 20, Preallocation::Off).unwrap();
+        d.resize(&IoCtx::none(), 1 << 20, Preallocation::Off)
+            .unwrap();
         assert_eq!((d.virtual_size(), mem.len().unwrap()), (1 << 20, 1 << 20));
         d.resize(&IoCtx::none(), 4096, Preallocation::Off).unwrap();
         assert_eq!(mem.to_vec(), vec![1u8; 4096]);

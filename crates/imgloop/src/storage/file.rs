@@ -284,20 +284,15 @@ pub fn copy_file_range_all(
         // SAFETY: both fds are valid for the call; the offset pointers point
         // to live locals, so the kernel neither reads nor moves file positions.
         let r = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut so,
-                dst.as_raw_fd(),
-                &mut d_o,
-                want,
-                0,
-            )
+            libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d_o, want, 0)
         };
         if r < 0 {
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+                Some(libc::EXDEV)
+                | Some(libc::ENOSYS)
+                | Some(libc::EOPNOTSUPP)
                 | Some(libc::EINVAL) => {
                     return copy_by_buffer(src, src_off + done, dst, dst_off + done, len - done)
                 }
@@ -393,7 +388,10 @@ mod tests {
     #[test]
     fn a_read_only_storage_can_be_reopened_writable() {
         let (_d, p) = tmp();
-        FileStorage::create(&p).unwrap().write_at(b"abc", 0).unwrap();
+        FileStorage::create(&p)
+            .unwrap()
+            .write_at(b"abc", 0)
+            .unwrap();
         let s = FileStorage::open(&p, false).unwrap();
         assert!(s.write_at(b"x", 0).is_err());
         s.reopen(true).unwrap();

@@ -159,7 +159,7 @@ impl Storage for MemStorage {
             // Drop whole pages past the end and clear the tail of the last one.
             let first_gone = len.div_ceil(PAGE);
             let _ = g.pages.split_off(&first_gone);
-            if len % PAGE != 0 {
+            if !len.is_multiple_of(PAGE) {
                 let cur = g.len;
                 g.zero(len, cur - len, false);
                 if let Some(p) = g.pages.get_mut(&(len / PAGE)) {
