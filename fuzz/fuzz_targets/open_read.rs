@@ -66,16 +66,25 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Requests outside the disk must fail cleanly.
-    assert!(img.read(&mut buf[..1], size).is_err(), "read past the end succeeded");
+    assert!(
+        img.read(&mut buf[..1], size).is_err(),
+        "read past the end succeeded"
+    );
     assert!(
         img.read(&mut buf[..2], u64::MAX - 1).is_err(),
         "read at u64::MAX succeeded"
     );
-    assert!(img.block_status(size, 1).is_err(), "block status past the end succeeded");
+    assert!(
+        img.block_status(size, 1).is_err(),
+        "block status past the end succeeded"
+    );
 
     // Writes to a read-only image must be refused.
     if size > 0 {
-        assert!(img.write(&[0u8], 0).is_err(), "write to a read-only image succeeded");
+        assert!(
+            img.write(&[0u8], 0).is_err(),
+            "write to a read-only image succeeded"
+        );
     }
 
     let _ = img.check(None);

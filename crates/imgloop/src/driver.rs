@@ -370,6 +370,9 @@ pub trait Driver: Send + Sync {
 pub struct DriverOpenOptions {
     /// Open without write access.
     pub read_only: bool,
+    /// Where the image file is (for companion files such as external data
+    /// files), when it is a file.
+    pub path: Option<std::path::PathBuf>,
     /// Driver-specific options (`key=value`, e.g. `l2-cache-size`).
     pub options: BTreeMap<String, String>,
 }
@@ -444,7 +447,7 @@ pub trait Format: Send + Sync {
     /// `path` is where it lives, for formats that create companion files.
     fn create(
         &self,
-        storage: &dyn Storage,
+        storage: Arc<dyn Storage>,
         path: Option<&Path>,
         opts: &CreateOptions,
     ) -> Result<()>;

@@ -174,7 +174,7 @@ impl Image {
         let (fmt, probed) = pick_format(&*storage, format, Path::new(&name))?;
         let dopts = DriverOpenOptions {
             read_only,
-            options: BTreeMap::new(),
+            ..Default::default()
         };
         let driver = fmt.open(storage.clone(), &dopts)?;
         let backing_ref = driver.backing();
@@ -240,6 +240,7 @@ impl Image {
             pick_format(&*storage, opts.format.as_deref(), path).map_err(|e| e.in_file(path))?;
         let dopts = DriverOpenOptions {
             read_only: opts.read_only,
+            path: Some(path.to_path_buf()),
             options: opts.driver_options.clone(),
         };
         let driver = fmt
@@ -858,11 +859,12 @@ pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
         return Err(Error::invalid_argument("is a directory, not an image file").in_file(path));
     }
     let existed = path.exists();
-    let storage =
-        FileStorage::create(path).map_err(|e| Error::io("could not create", e).in_file(path))?;
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::create(path).map_err(|e| Error::io("could not create", e).in_file(path))?,
+    );
     let _lock = ImageLock::acquire(path, LockMode::Exclusive)?;
     let result = fmt
-        .create(&storage, Some(path), &opts)
+        .create(storage.clone(), Some(path), &opts)
         .and_then(|_| storage.sync().map_err(|e| Error::io("syncing", e)));
     if let Err(e) = result {
         if !existed {

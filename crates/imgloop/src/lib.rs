@@ -12,7 +12,7 @@
 //!
 //! let mem = MemStorage::new();
 //! let opts = imgloop::CreateOptions { size: 1 << 20, ..Default::default() };
-//! imgloop::registry::find("raw")?.create(&mem, None, &opts)?;
+//! imgloop::registry::find("raw")?.create(Arc::new(mem.clone()), None, &opts)?;
 //! let img = Image::open_storage(Arc::new(mem), Some("raw"), false, None)?;
 //! img.write(b"hello", 4096)?;
 //! let mut buf = [0u8; 5];

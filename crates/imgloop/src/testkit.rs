@@ -106,7 +106,7 @@ fn pick_range(rng: &mut Rng, size: u64) -> (u64, u64) {
 pub fn run_model_test(format: &str, create: &CreateOptions, seed: u64, ops: usize) -> Result<()> {
     let fmt = registry::find(format)?;
     let mem = MemStorage::new();
-    fmt.create(&mem, None, create)?;
+    fmt.create(Arc::new(mem.clone()), None, create)?;
     let open = |ro: bool| Image::open_storage(Arc::new(mem.clone()), Some(format), ro, None);
     let mut img = open(false)?;
     let size = img.size();
@@ -246,5 +246,62 @@ mod tests {
             ..Default::default()
         };
         run_model_test("raw", &create, 99, 300).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod qcow2_model_tests {
+    use super::*;
+
+    fn opts(size: u64, kv: &[(&str, &str)]) -> CreateOptions {
+        let mut o = CreateOptions {
+            size,
+            ..Default::default()
+        };
+        for (k, v) in kv {
+            o.options.insert(k.to_string(), v.to_string());
+        }
+        o
+    }
+
+    #[test]
+    fn qcow2_v3_with_default_options_survives_random_sequences() {
+        for seed in 0..6 {
+            run_model_test("qcow2", &opts(3 << 20, &[]), seed, 250).unwrap();
+        }
+    }
+
+    #[test]
+    fn qcow2_v2_survives_random_sequences() {
+        for seed in 0..4 {
+            run_model_test("qcow2", &opts(3 << 20, &[("compat", "0.10")]), seed, 250).unwrap();
+        }
+    }
+
+    #[test]
+    fn qcow2_with_small_clusters_and_narrow_refcounts_survives_random_sequences() {
+        let o = opts(
+            (2 << 20) + 4096,
+            &[("cluster_size", "4096"), ("refcount_bits", "1")],
+        );
+        for seed in 0..4 {
+            run_model_test("qcow2", &o, seed, 250).unwrap();
+        }
+        let o = opts(1 << 20, &[("cluster_size", "512"), ("refcount_bits", "64")]);
+        run_model_test("qcow2", &o, 77, 250).unwrap();
+    }
+
+    #[test]
+    fn qcow2_with_extended_l2_survives_random_sequences() {
+        let o = opts(3 << 20, &[("extended_l2", "on"), ("cluster_size", "64k")]);
+        for seed in 0..4 {
+            run_model_test("qcow2", &o, seed, 250).unwrap();
+        }
+    }
+
+    #[test]
+    fn qcow2_with_2m_clusters_survives_random_sequences() {
+        let o = opts(5 << 20, &[("cluster_size", "2M")]);
+        run_model_test("qcow2", &o, 3, 150).unwrap();
     }
 }

@@ -1,3 +1,4 @@
 //! The image format drivers, one module per format.
 
+pub mod qcow2;
 pub mod raw;

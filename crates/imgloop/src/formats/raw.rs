@@ -56,7 +56,7 @@ impl Format for RawFormat {
 
     fn create(
         &self,
-        storage: &dyn Storage,
+        storage: Arc<dyn Storage>,
         _path: Option<&Path>,
         opts: &CreateOptions,
     ) -> Result<()> {
@@ -67,7 +67,7 @@ impl Format for RawFormat {
             ));
         }
         let prealloc: Preallocation = opts.get("preallocation")?.unwrap_or_default();
-        grow(storage, 0, opts.size, prealloc)
+        grow(&*storage, 0, opts.size, prealloc)
     }
 }
 
@@ -192,7 +192,9 @@ mod tests {
             size: 1 << 30,
             ..Default::default()
         };
-        RawFormat.create(&mem, None, &opts).unwrap();
+        RawFormat
+            .create(Arc::new(mem.clone()), None, &opts)
+            .unwrap();
         assert_eq!(mem.len().unwrap(), 1 << 30);
         assert_eq!(mem.allocated_pages(), 0);
     }
@@ -205,7 +207,9 @@ mod tests {
             ..Default::default()
         };
         opts.options.insert("preallocation".into(), "full".into());
-        RawFormat.create(&mem, None, &opts).unwrap();
+        RawFormat
+            .create(Arc::new(mem.clone()), None, &opts)
+            .unwrap();
         assert_eq!(mem.allocated_pages(), 16);
     }
 
@@ -217,13 +221,17 @@ mod tests {
             ..Default::default()
         };
         opts.options.insert("cluster_size".into(), "65536".into());
-        assert!(RawFormat.create(&mem, None, &opts).is_err());
+        assert!(RawFormat
+            .create(Arc::new(mem.clone()), None, &opts)
+            .is_err());
         let opts = CreateOptions {
             size: 4096,
             backing_file: Some("b".into()),
             ..Default::default()
         };
-        assert!(RawFormat.create(&mem, None, &opts).is_err());
+        assert!(RawFormat
+            .create(Arc::new(mem.clone()), None, &opts)
+            .is_err());
     }
 
     #[test]

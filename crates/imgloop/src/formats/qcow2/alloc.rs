@@ -1,0 +1,320 @@
+//! Refcounts and cluster allocation.
+//!
+//! A refcount block covers `cluster_size * 8 / refcount_bits` clusters. When
+//! allocation reaches a range whose block does not exist yet, the new block
+//! is placed at the first cluster of that range, so it covers itself; when
+//! the refcount table is full, a larger table is placed right after that
+//! block, inside the same range, and the header switched to it.
+
+use super::{Meta, Qcow2};
+use crate::error::{Error, ErrorKind, Result};
+
+impl Qcow2 {
+    /// Clusters covered by one refcount block.
+    pub(crate) fn rc_per_block(&self, m: &Meta) -> u64 {
+        self.cluster_size * 8 / m.header.refcount_bits() as u64
+    }
+
+    fn rc_max(&self, m: &Meta) -> u64 {
+        let bits = m.header.refcount_bits();
+        if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        }
+    }
+
+    fn load_rc_block(&self, m: &mut Meta, off: u64) -> Result<()> {
+        if m.rc.contains(off) {
+            return Ok(());
+        }
+        if let Some((victim, dirty)) = m.rc.victim_if_full() {
+            if dirty {
+                if let Some(b) = m.rc.peek(victim) {
+                    self.file
+                        .write_at(b, victim)
+                        .map_err(|e| Error::io("writing a refcount block", e))?;
+                }
+            }
+            m.rc.remove(victim);
+        }
+        let b = self.read_cluster(off, "refcount block")?;
+        m.rc.insert(off, b, false);
+        Ok(())
+    }
+
+    /// Reads entry `i` of a refcount block.
+    pub(crate) fn rc_entry(block: &[u8], i: u64, bits: u32) -> u64 {
+        match bits {
+            64 => u64::from_be_bytes(block[i as usize * 8..][..8].try_into().expect("8")),
+            32 => u32::from_be_bytes(block[i as usize * 4..][..4].try_into().expect("4")) as u64,
+            16 => u16::from_be_bytes(block[i as usize * 2..][..2].try_into().expect("2")) as u64,
+            8 => block[i as usize] as u64,
+            _ => {
+                let per_byte = 8 / bits as u64;
+                let byte = block[(i / per_byte) as usize];
+                let shift = (i % per_byte) * bits as u64;
+                ((byte >> shift) as u64) & ((1 << bits) - 1)
+            }
+        }
+    }
+
+    /// Writes entry `i` of a refcount block.
+    pub(crate) fn set_rc_entry(block: &mut [u8], i: u64, bits: u32, v: u64) {
+        match bits {
+            64 => block[i as usize * 8..][..8].copy_from_slice(&v.to_be_bytes()),
+            32 => block[i as usize * 4..][..4].copy_from_slice(&(v as u32).to_be_bytes()),
+            16 => block[i as usize * 2..][..2].copy_from_slice(&(v as u16).to_be_bytes()),
+            8 => block[i as usize] = v as u8,
+            _ => {
+                let per_byte = 8 / bits as u64;
+                let idx = (i / per_byte) as usize;
+                let shift = (i % per_byte) * bits as u64;
+                let mask = (((1u16 << bits) - 1) as u8) << shift;
+                block[idx] = (block[idx] & !mask) | (((v as u8) << shift) & mask);
+            }
+        }
+    }
+
+    /// Refcount of host cluster `c` (0 where no block covers it).
+    pub(crate) fn refcount(&self, m: &mut Meta, c: u64) -> Result<u64> {
+        let per = self.rc_per_block(m);
+        let b = (c / per) as usize;
+        let Some(&off) = m.rc_table.get(b) else {
+            return Ok(0);
+        };
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load_rc_block(m, off)?;
+        let bits = m.header.refcount_bits();
+        Ok(Self::rc_entry(
+            m.rc.get(off).expect("loaded"),
+            c % per,
+            bits,
+        ))
+    }
+
+    /// Sets the refcount of host cluster `c`, creating its block if needed.
+    pub(crate) fn set_refcount(&self, m: &mut Meta, c: u64, v: u64) -> Result<()> {
+        if v > self.rc_max(m) {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "refcount overflow for cluster {c} ({}-bit refcounts)",
+                    m.header.refcount_bits()
+                ),
+            ));
+        }
+        let per = self.rc_per_block(m);
+        let b = c / per;
+        let off = self.ensure_block(m, b)?;
+        self.load_rc_block(m, off)?;
+        let bits = m.header.refcount_bits();
+        let block = m.rc.get_mut(off).expect("loaded");
+        Self::set_rc_entry(block, c % per, bits, v);
+        if v == 0 && c < m.free_hint {
+            m.free_hint = c;
+        }
+        Ok(())
+    }
+
+    /// The offset of refcount block `b`, creating it (and growing the
+    /// refcount table) when it does not exist.
+    fn ensure_block(&self, m: &mut Meta, b: u64) -> Result<u64> {
+        if let Some(&off) = m.rc_table.get(b as usize) {
+            if off != 0 {
+                return Ok(off);
+            }
+        }
+        let cs = self.cluster_size;
+        let per = self.rc_per_block(m);
+        let first = b * per;
+        let block_off = first * cs;
+        let mut block = vec![0u8; cs as usize].into_boxed_slice();
+        let bits = m.header.refcount_bits();
+        Self::set_rc_entry(&mut block, 0, bits, 1);
+        if b as usize >= m.rc_table.len() {
+            // Grow the table: place it right after the new block, in the
+            // same range, so the new block covers it.
+            let need_entries = (b + 1).max(m.rc_table.len() as u64 * 2);
+            let clusters = (need_entries * 8).div_ceil(cs);
+            if clusters + 1 > per {
+                return Err(Error::unsupported(
+                    "refcount table growth at this cluster size and refcount width",
+                ));
+            }
+            if clusters * cs > super::header::MAX_REFTABLE_BYTES {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    "refcount table would exceed 8 MiB",
+                ));
+            }
+            let table_off = block_off + cs;
+            for k in 0..clusters {
+                Self::set_rc_entry(&mut block, 1 + k, bits, 1);
+            }
+            let mut table = m.rc_table.clone();
+            table.resize((clusters * cs / 8) as usize, 0);
+            table[b as usize] = block_off;
+            // New block and table first, then the header that points to them.
+            self.file
+                .write_at(&block, block_off)
+                .map_err(|e| Error::io("writing a refcount block", e))?;
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.file
+                .write_at(&bytes, table_off)
+                .map_err(|e| Error::io("writing the refcount table", e))?;
+            self.flush_refcounts(m)?;
+            self.sync_file()?;
+            let old_off = m.header.refcount_table_offset;
+            let old_clusters = m.header.refcount_table_clusters as u64;
+            m.header.refcount_table_offset = table_off;
+            m.header.refcount_table_clusters = clusters as u32;
+            self.write_header(m)?;
+            self.sync_file()?;
+            m.rc_table = table;
+            m.rc.insert(block_off, block, false);
+            m.pending_free.push((old_off, old_clusters * cs));
+            return Ok(block_off);
+        }
+        // Block first, then the table entry that points to it.
+        self.file
+            .write_at(&block, block_off)
+            .map_err(|e| Error::io("writing a refcount block", e))?;
+        self.sync_file()?;
+        let entry_off = m.header.refcount_table_offset + b * 8;
+        self.file
+            .write_at(&block_off.to_be_bytes(), entry_off)
+            .map_err(|e| Error::io("writing the refcount table", e))?;
+        m.rc_table[b as usize] = block_off;
+        if let Some((victim, dirty)) = m.rc.victim_if_full() {
+            if dirty {
+                if let Some(v) = m.rc.peek(victim) {
+                    self.file
+                        .write_at(v, victim)
+                        .map_err(|e| Error::io("writing a refcount block", e))?;
+                }
+            }
+            m.rc.remove(victim);
+        }
+        m.rc.insert(block_off, block, false);
+        Ok(block_off)
+    }
+
+    /// Allocates `n` contiguous clusters (refcount 1) and returns the byte
+    /// offset of the first.
+    pub(crate) fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let per = self.rc_per_block(m);
+        let mut start = m.free_hint;
+        let mut run = 0u64;
+        let mut c = start;
+        while run < n {
+            let b = c / per;
+            let exists = m.rc_table.get(b as usize).is_some_and(|&o| o != 0);
+            if !exists {
+                // Creating the block takes the range's first cluster(s).
+                self.ensure_block(m, b)?;
+            }
+            if self.refcount(m, c)? == 0 {
+                if run == 0 {
+                    start = c;
+                }
+                run += 1;
+            } else {
+                run = 0;
+            }
+            c += 1;
+        }
+        for k in 0..n {
+            self.set_refcount(m, start + k, 1)?;
+        }
+        if start == m.free_hint {
+            m.free_hint = start + n;
+        }
+        Ok(start * self.cluster_size)
+    }
+
+    /// Allocates `len` bytes (at most a cluster) for compressed data,
+    /// packing streams into partly used clusters. Returns the byte offset.
+    pub(crate) fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<u64> {
+        let cs = self.cluster_size;
+        let tail = m.compressed_tail;
+        if tail != 0 && !tail.is_multiple_of(cs) && (tail % cs) + len <= cs {
+            let c = tail / cs;
+            let r = self.refcount(m, c)?;
+            self.set_refcount(m, c, r + 1)?;
+            m.compressed_tail = tail + len;
+            return Ok(tail);
+        }
+        let off = self.alloc_clusters(m, 1)?;
+        m.compressed_tail = off + len;
+        Ok(off)
+    }
+
+    /// Drops one reference to every cluster overlapping `[off, off+len)`;
+    /// clusters reaching refcount 0 are punched out of the file.
+    pub(crate) fn apply_pending_frees(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.cluster_size;
+        let pending = std::mem::take(&mut m.pending_free);
+        for (off, len) in pending {
+            if len == 0 {
+                continue;
+            }
+            let first = off / cs;
+            let last = (off + len - 1) / cs;
+            for c in first..=last {
+                let r = self.refcount(m, c)?;
+                if r == 0 {
+                    // Already free: metadata was inconsistent. Leave it.
+                    continue;
+                }
+                self.set_refcount(m, c, r - 1)?;
+                if r == 1 {
+                    if m.compressed_tail / cs == c {
+                        m.compressed_tail = 0;
+                    }
+                    let _ = self.file.punch_hole(c * cs, cs);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refcount_entries_of_every_width_round_trip() {
+        for bits in [1u32, 2, 4, 8, 16, 32, 64] {
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits as u64;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            for i in 0..n {
+                Qcow2::set_rc_entry(&mut block, i, bits, (i * 7) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    Qcow2::rc_entry(&block, i, bits),
+                    (i * 7) & max,
+                    "bits {bits} entry {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sub_byte_refcounts_fill_bytes_from_the_low_bits() {
+        let mut block = vec![0u8; 1];
+        Qcow2::set_rc_entry(&mut block, 0, 1, 1);
+        assert_eq!(block[0], 0b0000_0001);
+        Qcow2::set_rc_entry(&mut block, 3, 2, 2);
+        assert_eq!(block[0], 0b1000_0001);
+    }
+}

@@ -1,0 +1,202 @@
+//! Compressed clusters: raw deflate (4 KiB window, as QEMU) and zstd.
+
+use super::entry::{self, Cluster};
+use super::header::CompressionType;
+use super::Qcow2;
+use crate::driver::IoCtx;
+use crate::error::{Error, Result};
+
+/// Decompresses one cluster of `cs` bytes from `input` (which may carry
+/// trailing bytes past the end of the stream).
+pub fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    cs: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut out = vec![0u8; cs];
+    match kind {
+        CompressionType::Zlib => {
+            let mut d = flate2::Decompress::new(false);
+            match d.decompress(input, &mut out, flate2::FlushDecompress::Finish) {
+                Ok(_) => {}
+                Err(e) => return Err(format!("deflate stream is invalid: {e}")),
+            }
+            if d.total_out() as usize != cs {
+                return Err(format!(
+                    "deflate stream gives {} bytes, expected {cs}",
+                    d.total_out()
+                ));
+            }
+        }
+        CompressionType::Zstd => {
+            use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+            let mut d = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+            let mut inb = InBuffer::around(input);
+            let mut outb = OutBuffer::around(&mut out[..]);
+            loop {
+                let before = (inb.pos(), outb.pos());
+                let hint = d
+                    .run(&mut inb, &mut outb)
+                    .map_err(|e| format!("zstd stream is invalid: {e}"))?;
+                if hint == 0 || outb.pos() == cs {
+                    break;
+                }
+                if (inb.pos(), outb.pos()) == before {
+                    return Err("zstd stream is truncated".into());
+                }
+            }
+            if outb.pos() != cs {
+                return Err(format!(
+                    "zstd stream gives {} bytes, expected {cs}",
+                    outb.pos()
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Compresses one cluster; `None` when the result would not save at least
+/// one 512-byte sector.
+pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    let limit = input.len().saturating_sub(512);
+    let out = match kind {
+        CompressionType::Zlib => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(input.len());
+            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => out,
+                _ => return None,
+            }
+        }
+        CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
+    };
+    (out.len() <= limit).then_some(out)
+}
+
+/// Reads guest data of a compressed cluster.
+pub(super) fn read_compressed(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<()> {
+    let cs = q.cluster_size;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let in_cluster = (pos & (cs - 1)) as usize;
+        let n = (cs as usize - in_cluster).min(buf.len() - done);
+        let (c, _) = {
+            let mut m = q.lock();
+            q.lookup(&mut m, pos)?
+        };
+        let Cluster::Compressed { host, len } = c else {
+            return Err(Error::corrupt("L2 table", 0, "cluster is not compressed"));
+        };
+        let part = &mut buf[done..done + n];
+        {
+            let cache = q.decompressed.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((h, data)) = cache.as_ref() {
+                if *h == host {
+                    part.copy_from_slice(&data[in_cluster..in_cluster + n]);
+                    done += n;
+                    continue;
+                }
+            }
+        }
+        let file_len = q
+            .file
+            .len()
+            .map_err(|e| Error::io("reading image size", e))?;
+        if host >= file_len {
+            return Err(Error::corrupt(
+                "compressed cluster",
+                host,
+                "compressed data lies past the end of the file",
+            ));
+        }
+        let avail = len.min(file_len - host).min(2 * cs) as usize;
+        let mut input = vec![0u8; avail];
+        q.file
+            .read_at(&mut input, host)
+            .map_err(|e| Error::io("reading compressed data", e))?;
+        let data = decompress(q.compression, &input, cs as usize)
+            .map_err(|why| Error::corrupt("compressed cluster", host, why))?;
+        part.copy_from_slice(&data[in_cluster..in_cluster + n]);
+        *q.decompressed.lock().unwrap_or_else(|e| e.into_inner()) = Some((host, data.into()));
+        done += n;
+    }
+    Ok(())
+}
+
+/// Stores one cluster compressed (or plainly when it does not shrink or
+/// the cluster already has storage).
+pub(super) fn write_compressed(q: &Qcow2, ctx: &IoCtx, buf: &[u8], offset: u64) -> Result<()> {
+    let cs = q.cluster_size as usize;
+    if !std::sync::Arc::ptr_eq(&q.file, &q.data) {
+        return Err(Error::unsupported(
+            "compression is not supported with an external data file",
+        ));
+    }
+    let padded: Vec<u8>;
+    let input: &[u8] = if buf.len() < cs {
+        // The last cluster of an odd-sized disk is padded with zeroes.
+        let mut v = vec![0u8; cs];
+        v[..buf.len()].copy_from_slice(buf);
+        padded = v;
+        &padded
+    } else {
+        buf
+    };
+    let Some(packed) = compress(q.compression, input) else {
+        return super::write::write(q, ctx, buf, offset);
+    };
+    let _claim = q.claim(offset >> q.cluster_bits);
+    let mut m = q.lock();
+    let (c, _) = q.lookup(&mut m, offset)?;
+    if !matches!(c, Cluster::Unallocated | Cluster::Zero { host: None, .. }) {
+        drop(m);
+        drop(_claim);
+        return super::write::write(q, ctx, buf, offset);
+    }
+    q.l2_for_write(&mut m, offset)?;
+    let host = q.alloc_bytes(&mut m, packed.len() as u64)?;
+    // Data first; the L2 entry is updated only after it is written.
+    q.file
+        .write_at(&packed, host)
+        .map_err(|e| Error::io("writing compressed data", e))?;
+    *q.decompressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    let e = entry::encode_compressed(host, packed.len() as u64, q.cluster_bits);
+    q.set_l2(&mut m, offset, e, 0)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_algorithms_round_trip_and_tolerate_trailing_bytes() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 97) as u8).collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let mut packed = compress(kind, &data).expect("compressible");
+            assert!(packed.len() < 65536 - 512);
+            packed.extend_from_slice(&[0xee; 300]);
+            assert_eq!(decompress(kind, &packed, 65536).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn random_data_is_not_compressed() {
+        let mut rng = crate::testkit::Rng::new(5);
+        let mut data = vec![0u8; 65536];
+        rng.fill(&mut data);
+        assert!(compress(CompressionType::Zlib, &data).is_none());
+        assert!(compress(CompressionType::Zstd, &data).is_none());
+    }
+
+    #[test]
+    fn garbage_streams_are_errors_not_panics() {
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            assert!(decompress(kind, &[0xff; 100], 4096).is_err());
+            assert!(decompress(kind, &[], 4096).is_err());
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Creating new qcow2 images.
+//!
+//! Layout: header cluster, refcount table, refcount blocks, L1 table, each
+//! cluster-aligned, all with refcount 1 (QEMU's layout for small images).
+
+use super::header::{self, autoclear, compat, incompat, CompressionType, Extension, Header};
+use super::Qcow2;
+use crate::driver::{CreateOptions, DriverOpenOptions, Preallocation};
+use crate::error::{Error, Result};
+use crate::storage::{FileStorage, Storage};
+use std::path::Path;
+use std::sync::Arc;
+
+fn parse_bool(opts: &CreateOptions, key: &str) -> Result<bool> {
+    match opts.options.get(key).map(String::as_str) {
+        None | Some("off") | Some("false") | Some("no") => Ok(false),
+        Some("on") | Some("true") | Some("yes") => Ok(true),
+        Some(v) => Err(Error::invalid_argument(format!(
+            "invalid value '{v}' for option '{key}' (expected on or off)"
+        ))),
+    }
+}
+
+/// Validated create options.
+struct Plan {
+    version: u32,
+    cluster_bits: u32,
+    refcount_order: u32,
+    lazy: bool,
+    ext_l2: bool,
+    compression: CompressionType,
+    prealloc: Preallocation,
+    backing: Option<String>,
+    backing_fmt: Option<String>,
+    data_file: Option<String>,
+    data_file_raw: bool,
+}
+
+fn plan(opts: &CreateOptions) -> Result<Plan> {
+    let version = match opts.options.get("compat").map(String::as_str) {
+        None | Some("1.1") | Some("v3") => 3,
+        Some("0.10") | Some("v2") => 2,
+        Some(v) => {
+            return Err(Error::invalid_argument(format!(
+                "invalid compat value '{v}' (expected 0.10 or 1.1)"
+            )))
+        }
+    };
+    let cs = match opts.options.get("cluster_size") {
+        Some(v) => crate::size::parse_size(v)?,
+        None => 65536,
+    };
+    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+        return Err(Error::invalid_argument(format!(
+            "cluster size must be a power of two between 512 and 2M, not {cs}"
+        )));
+    }
+    let refcount_bits: u32 = opts.get("refcount_bits")?.unwrap_or(16);
+    if !refcount_bits.is_power_of_two() || refcount_bits > 64 {
+        return Err(Error::invalid_argument(format!(
+            "refcount_bits must be a power of two up to 64, not {refcount_bits}"
+        )));
+    }
+    let lazy = parse_bool(opts, "lazy_refcounts")?;
+    let ext_l2 = parse_bool(opts, "extended_l2")?;
+    let compression = match opts.options.get("compression_type").map(String::as_str) {
+        None | Some("zlib") => CompressionType::Zlib,
+        Some("zstd") => CompressionType::Zstd,
+        Some(v) => {
+            return Err(Error::invalid_argument(format!(
+                "invalid compression_type '{v}' (expected zlib or zstd)"
+            )))
+        }
+    };
+    let prealloc: Preallocation = opts.get("preallocation")?.unwrap_or_default();
+    let data_file = opts.options.get("data_file").cloned();
+    let data_file_raw = parse_bool(opts, "data_file_raw")?;
+    if opts.options.contains_key("encrypt.format") {
+        return Err(Error::unsupported(
+            "encrypted qcow2 images are not supported",
+        ));
+    }
+    if version == 2 {
+        let v3_only = [
+            (refcount_bits != 16, "refcount_bits other than 16"),
+            (lazy, "lazy_refcounts"),
+            (ext_l2, "extended_l2"),
+            (
+                compression != CompressionType::Zlib,
+                "compression_type=zstd",
+            ),
+            (data_file.is_some(), "data_file"),
+        ];
+        if let Some((_, what)) = v3_only.iter().find(|(bad, _)| *bad) {
+            return Err(Error::invalid_argument(format!(
+                "{what} requires compat=1.1 or later"
+            )));
+        }
+    }
+    if ext_l2 && cs < 16384 {
+        return Err(Error::invalid_argument(
+            "extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+        ));
+    }
+    if data_file_raw && data_file.is_none() {
+        return Err(Error::invalid_argument("data_file_raw requires data_file"));
+    }
+    if data_file_raw && opts.backing_file.is_some() {
+        return Err(Error::invalid_argument(
+            "data_file_raw cannot be used with a backing file",
+        ));
+    }
+    let backing = opts
+        .backing_file
+        .clone()
+        .or_else(|| opts.options.get("backing_file").cloned());
+    let backing_fmt = opts
+        .backing_format
+        .clone()
+        .or_else(|| opts.options.get("backing_fmt").cloned());
+    if backing
+        .as_ref()
+        .is_some_and(|b| b.len() > header::MAX_BACKING_NAME as usize)
+    {
+        return Err(Error::invalid_argument("backing file name is too long"));
+    }
+    Ok(Plan {
+        version,
+        cluster_bits: cs.trailing_zeros(),
+        refcount_order: refcount_bits.trailing_zeros(),
+        lazy,
+        ext_l2,
+        compression,
+        prealloc,
+        backing,
+        backing_fmt,
+        data_file,
+        data_file_raw,
+    })
+}
+
+/// Writes a new image on `storage` (empty) per `opts`.
+pub(super) fn create(
+    storage: Arc<dyn Storage>,
+    path: Option<&Path>,
+    opts: &CreateOptions,
+) -> Result<()> {
+    opts.check_known(&super::Qcow2Format)?;
+    let p = plan(opts)?;
+    if opts.size > header::MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid_argument("image size is too large for qcow2"));
+    }
+    let cs = 1u64 << p.cluster_bits;
+    let entry_size = if p.ext_l2 { 16 } else { 8 };
+    let per_l1 = cs * (cs / entry_size);
+    let l1_size = opts.size.div_ceil(per_l1);
+    if l1_size * 8 > header::MAX_L1_BYTES {
+        return Err(Error::invalid_argument(
+            "image size is too large for this cluster size",
+        ));
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+    let refcount_bits = 1u64 << p.refcount_order;
+    let per_block = cs * 8 / refcount_bits;
+    // Refcount table and blocks must cover the metadata, themselves included.
+    let (mut table, mut blocks) = (1u64, 1u64);
+    loop {
+        let total = 1 + table + blocks + l1_clusters;
+        let need_blocks = total.div_ceil(per_block);
+        let need_table = (need_blocks * 8).div_ceil(cs);
+        if need_blocks == blocks && need_table == table {
+            break;
+        }
+        blocks = need_blocks;
+        table = need_table;
+    }
+    let table_off = cs;
+    let blocks_off = table_off + table * cs;
+    let l1_off = blocks_off + blocks * cs;
+    let total = 1 + table + blocks + l1_clusters;
+
+    let mut incompatible = 0;
+    let mut autoclear_bits = 0;
+    let mut extensions = Vec::new();
+    if let Some(f) = &p.backing_fmt {
+        extensions.push(Extension {
+            kind: header::ext::BACKING_FORMAT,
+            data: f.as_bytes().to_vec(),
+        });
+    }
+    if let Some(d) = &p.data_file {
+        incompatible |= incompat::DATA_FILE;
+        extensions.push(Extension {
+            kind: header::ext::DATA_FILE,
+            data: d.as_bytes().to_vec(),
+        });
+        if p.data_file_raw {
+            autoclear_bits |= autoclear::DATA_FILE_RAW;
+        }
+    }
+    if p.compression != CompressionType::Zlib {
+        incompatible |= incompat::COMPRESSION;
+    }
+    if p.ext_l2 {
+        incompatible |= incompat::EXTL2;
+    }
+    if p.version >= 3 {
+        extensions.push(Extension {
+            kind: header::ext::FEATURE_TABLE,
+            data: header::default_feature_table(),
+        });
+    }
+    let h = Header {
+        version: p.version,
+        backing_file_offset: 0,
+        backing_file_size: p.backing.as_ref().map_or(0, |b| b.len() as u32),
+        cluster_bits: p.cluster_bits,
+        size: opts.size,
+        crypt_method: 0,
+        l1_size: l1_size as u32,
+        l1_table_offset: l1_off,
+        refcount_table_offset: table_off,
+        refcount_table_clusters: table as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: incompatible,
+        compatible_features: if p.lazy { compat::LAZY_REFCOUNTS } else { 0 },
+        autoclear_features: autoclear_bits,
+        refcount_order: p.refcount_order,
+        header_length: if p.version >= 3 { 112 } else { 72 },
+        compression_type: p.compression,
+        extensions,
+        backing_file: p.backing.clone(),
+    };
+    let io = |what: &'static str| move |e| Error::io(what, e);
+    // Refcount blocks: clusters 0..total are in use.
+    let mut block_bytes = vec![0u8; (blocks * cs) as usize];
+    for c in 0..total {
+        Qcow2::set_rc_entry(&mut block_bytes, c, refcount_bits as u32, 1);
+    }
+    let mut table_bytes = vec![0u8; (table * cs) as usize];
+    for b in 0..blocks {
+        table_bytes[(b * 8) as usize..(b * 8 + 8) as usize]
+            .copy_from_slice(&(blocks_off + b * cs).to_be_bytes());
+    }
+    storage
+        .write_at(&table_bytes, table_off)
+        .map_err(io("writing the refcount table"))?;
+    storage
+        .write_at(&block_bytes, blocks_off)
+        .map_err(io("writing refcount blocks"))?;
+    storage
+        .write_at(&vec![0u8; (l1_clusters * cs) as usize], l1_off)
+        .map_err(io("writing the L1 table"))?;
+    storage
+        .write_at(&h.to_bytes()?, 0)
+        .map_err(io("writing the header"))?;
+
+    // The external data file.
+    if let Some(d) = &p.data_file {
+        let dir = path.and_then(Path::parent).unwrap_or(Path::new(""));
+        let dpath = if Path::new(d).is_absolute() {
+            Path::new(d).to_path_buf()
+        } else {
+            dir.join(d)
+        };
+        let ds = FileStorage::create(&dpath).map_err(|e| {
+            Error::io(
+                format!("could not create data file '{}'", dpath.display()),
+                e,
+            )
+        })?;
+        if p.data_file_raw {
+            ds.set_len(opts.size).map_err(io("sizing the data file"))?;
+        }
+    }
+    if p.prealloc != Preallocation::Off {
+        preallocate(storage, path, opts.size, p.prealloc)?;
+    }
+    Ok(())
+}
+
+/// Allocates L2 tables and data clusters for the whole disk; with falloc
+/// or full, also reserves or zeroes the data area.
+fn preallocate(
+    storage: Arc<dyn Storage>,
+    path: Option<&Path>,
+    size: u64,
+    mode: Preallocation,
+) -> Result<()> {
+    let opts = DriverOpenOptions {
+        read_only: false,
+        ..Default::default()
+    };
+    let q = Qcow2::open(storage, &opts, path.and_then(Path::parent))?;
+    let cs = q.cluster_size;
+    let mut end = 0;
+    let mut g = 0;
+    while g < size {
+        let mut m = q.lock();
+        let host = if Arc::ptr_eq(&q.file, &q.data) {
+            q.alloc_clusters(&mut m, 1)?
+        } else {
+            g
+        };
+        let bitmap = if q.ext_l2 { super::entry::ALL_ALLOC } else { 0 };
+        q.set_l2(&mut m, g, host | super::entry::COPIED, bitmap)?;
+        end = end.max(host + cs);
+        g += cs;
+    }
+    {
+        let mut m = q.lock();
+        q.flush_meta(&mut m)?;
+    }
+    let data = &q.data;
+    let io = |what: &'static str| move |e| Error::io(what, e);
+    let end = end.max(data.len().map_err(io("reading file size"))?);
+    match mode {
+        Preallocation::Metadata => data.set_len(end).map_err(io("extending")),
+        Preallocation::Falloc => data.allocate(0, end).map_err(io("preallocating")),
+        Preallocation::Full => {
+            data.set_len(end).map_err(io("extending"))?;
+            // Zero only the holes: the metadata already written stays.
+            let mut pos = 0;
+            while pos < end {
+                let (is_data, n) = data.extent(pos, end - pos).map_err(io("probing"))?;
+                if !is_data {
+                    data.zero_range(pos, n, false)
+                        .map_err(io("writing zeroes"))?;
+                }
+                pos += n;
+            }
+            Ok(())
+        }
+        Preallocation::Off => Ok(()),
+    }
+}
