@@ -55,6 +55,11 @@ pub struct Args {
     /// Open the source without taking locks.
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// Target cache mode: `unsafe` (default, as qemu-img convert: no final
+    /// sync), or `writeback`, `none`, `writethrough`, `directsync` (all make
+    /// the target durable before exiting).
+    #[arg(short = 't', default_value = "unsafe")]
+    cache: String,
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
@@ -128,6 +133,15 @@ fn convert(a: &Args) -> Result<()> {
             ..Default::default()
         },
     )?;
+    let sync_at_end = match a.cache.as_str() {
+        "unsafe" => false,
+        "writeback" | "none" | "writethrough" | "directsync" => true,
+        other => {
+            return Err(Error::invalid_argument(format!(
+                "invalid cache mode '{other}' (expected unsafe, writeback, none, writethrough or directsync)"
+            )))
+        }
+    };
     let sparse_explicit = a.sparse.is_some();
     let sparse = match &a.sparse {
         Some(s) => parse_size(s)?,
@@ -146,7 +160,13 @@ fn convert(a: &Args) -> Result<()> {
             "-o cannot be used with -n (the target is not created)",
         ));
     }
-    let dst = Image::open(&a.target, &OpenOptions::read_write(Some(&a.out_format)))?;
+    let dst = Image::open(
+        &a.target,
+        &OpenOptions {
+            unsafe_cache: !sync_at_end,
+            ..OpenOptions::read_write(Some(&a.out_format))
+        },
+    )?;
     if dst.size() < src.size() {
         return Err(Error::invalid_argument(format!(
             "target is smaller ({} bytes) than the source ({} bytes)",
@@ -161,7 +181,7 @@ fn convert(a: &Args) -> Result<()> {
         );
     }
     // A freshly created image reads as zeroes: zero ranges need no writes.
-    let target_zero = !a.no_create;
+    let target_zero = !a.no_create && dst.backing().is_none();
     let copy_offload = src.format() == "raw"
         && dst.format() == "raw"
         && !a.compress
@@ -178,7 +198,9 @@ fn convert(a: &Args) -> Result<()> {
         target_zero,
         copy_offload,
         compress: a.compress,
-        ordered: !a.out_of_order,
+        // Compressed clusters are packed in completion order anyway, so
+        // -c lets workers write as soon as they finish compressing.
+        ordered: !a.out_of_order && !a.compress,
         next_job: AtomicUsize::new(0),
         next_write: Mutex::new(0),
         turn: Condvar::new(),

@@ -67,6 +67,9 @@ pub struct OpenOptions {
     pub chain: ChainPolicy,
     /// Driver options (`key=value`).
     pub driver_options: BTreeMap<String, String>,
+    /// Cache mode "unsafe": ignore sync requests on the image file (fast,
+    /// but a crash may lose or tear recent writes).
+    pub unsafe_cache: bool,
 }
 
 impl OpenOptions {
@@ -224,10 +227,12 @@ impl Image {
             // Fail on an unknown format name before touching the file.
             registry::find(f).map_err(|e| e.in_file(path))?;
         }
-        let storage: Arc<dyn Storage> = Arc::new(
-            FileStorage::open(path, !opts.read_only)
-                .map_err(|e| Error::io("could not open", e).in_file(path))?,
-        );
+        let mut file = FileStorage::open(path, !opts.read_only)
+            .map_err(|e| Error::io("could not open", e).in_file(path))?;
+        if opts.unsafe_cache {
+            file = file.ignore_syncs();
+        }
+        let storage: Arc<dyn Storage> = Arc::new(file);
         let lock_mode = if opts.force_share {
             LockMode::None
         } else if opts.read_only {
@@ -275,6 +280,7 @@ impl Image {
                     force_share: opts.force_share,
                     chain: opts.chain.clone(),
                     driver_options: BTreeMap::new(),
+                    unsafe_cache: false,
                 };
                 let img = Self::open_chain(&full, &bopts, depth + 1, seen).map_err(|e| {
                     if e.kind() == ErrorKind::NotFound {

@@ -17,6 +17,8 @@ pub struct FileStorage {
     path: PathBuf,
     file: RwLock<File>,
     writable: RwLock<bool>,
+    /// Cache mode "unsafe": sync requests are ignored.
+    no_sync: bool,
 }
 
 impl FileStorage {
@@ -27,6 +29,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             file: RwLock::new(file),
             writable: RwLock::new(writable),
+            no_sync: false,
         })
     }
 
@@ -37,7 +40,15 @@ impl FileStorage {
             path: path.to_path_buf(),
             file: RwLock::new(file),
             writable: RwLock::new(true),
+            no_sync: false,
         })
+    }
+
+    /// Cache mode "unsafe": makes [`Storage::sync`] a no-op, trading crash
+    /// safety for speed (for scratch copies, as `qemu-img convert` does).
+    pub fn ignore_syncs(mut self) -> Self {
+        self.no_sync = true;
+        self
     }
 
     /// The path this storage was opened from.
@@ -166,6 +177,9 @@ impl Storage for FileStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
+        if self.no_sync {
+            return Ok(());
+        }
         self.file().sync_data()
     }
 
