@@ -4,8 +4,9 @@
 //! anywhere in the chain are never read, and are not written to a new
 //! target. Data is copied by `-m` worker threads in chunks; zero runs of at
 //! least `-S` bytes inside data are detected and skipped too. Raw to raw
-//! copies allocated extents with `copy_file_range`, so the kernel moves the
-//! bytes (and reflinks them where the filesystem can).
+//! writes the non-zero runs with `copy_file_range`, so the kernel moves the
+//! bytes (and reflinks them where the filesystem can); with `-S 0` whole
+//! allocated extents go that way without being read into user space.
 
 use crate::common::{fail, parse_options, Progress};
 use imgloop::size::parse_size;
@@ -142,7 +143,6 @@ fn convert(a: &Args) -> Result<()> {
             )))
         }
     };
-    let sparse_explicit = a.sparse.is_some();
     let sparse = match &a.sparse {
         Some(s) => parse_size(s)?,
         None => 4096,
@@ -185,7 +185,6 @@ fn convert(a: &Args) -> Result<()> {
     let copy_offload = src.format() == "raw"
         && dst.format() == "raw"
         && !a.compress
-        && !sparse_explicit
         && src.driver().data_storage().as_file().is_some()
         && dst.driver().data_storage().as_file().is_some();
 
@@ -285,28 +284,31 @@ impl Copier<'_> {
         if job.zero {
             return self.in_turn(i, || self.write_zero(job.offset, job.len));
         }
-        if self.copy_offload {
-            if let (Mapping::Data { host_offset }, n) =
-                self.src.driver().map(job.offset, job.len)?
-            {
-                if n >= job.len {
-                    return self.in_turn(i, || self.offload(host_offset, job));
-                }
-            }
+        // Raw to raw: the source bytes sit at a host offset of a plain
+        // file, so the kernel can copy them (and reflink where it can).
+        let src_host = match self.copy_offload {
+            true => match self.src.driver().map(job.offset, job.len)? {
+                (Mapping::Data { host_offset }, n) if n >= job.len => Some(host_offset),
+                _ => None,
+            },
+            false => None,
+        };
+        if let (Some(h), 0) = (src_host, self.sparse) {
+            return self.in_turn(i, || self.offload(h, job.offset, job.len));
         }
         buf.resize(job.len as usize, 0);
         let data = &mut buf[..job.len as usize];
         self.src.read(data, job.offset)?;
-        self.in_turn(i, || self.write_data(data, job.offset))
+        self.in_turn(i, || self.write_data(data, job.offset, src_host))
     }
 
-    fn offload(&self, host_offset: u64, job: Job) -> Result<()> {
+    fn offload(&self, src_off: u64, dst_off: u64, len: u64) -> Result<()> {
         let src = self.src.driver().data_storage();
         let dst = self.dst.driver().data_storage();
         let (Some(sf), Some(df)) = (src.as_file(), dst.as_file()) else {
             return Err(Error::unsupported("copy offload needs host files"));
         };
-        copy_file_range_all(&sf, host_offset, &df, job.offset, job.len)
+        copy_file_range_all(&sf, src_off, &df, dst_off, len)
             .map_err(|e| Error::io("copying", e).in_file(self.dst.name()))
     }
 
@@ -318,7 +320,9 @@ impl Copier<'_> {
         self.dst.write_zeroes(offset, len, self.sparse > 0)
     }
 
-    fn write_data(&self, data: &[u8], offset: u64) -> Result<()> {
+    /// Writes `data` (guest `offset`), skipping zero runs; `src_host` is
+    /// where the same bytes sit in the raw source file, for copy offload.
+    fn write_data(&self, data: &[u8], offset: u64, src_host: Option<u64>) -> Result<()> {
         if self.compress {
             return self.write_compressed(data, offset);
         }
@@ -342,6 +346,8 @@ impl Copier<'_> {
             let off = offset + pos as u64;
             if zero {
                 self.write_zero(off, (end - pos) as u64)?;
+            } else if let Some(h) = src_host {
+                self.offload(h + pos as u64, off, (end - pos) as u64)?;
             } else {
                 self.dst.write(&data[pos..end], off)?;
             }
