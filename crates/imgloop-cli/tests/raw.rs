@@ -175,6 +175,40 @@ fn converting_a_sparse_1g_raw_stays_sparse_and_identical() {
         qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&dst2)]).code,
         0
     );
+    // The default (-S 4k, like qemu-img) detects them as well, and so does
+    // a target made durable with -t writeback.
+    let dst3 = sc.path("big-copy3.raw");
+    imgloop(&[
+        "convert",
+        "-q",
+        "-t",
+        "writeback",
+        "-O",
+        "raw",
+        s(&src),
+        s(&dst3),
+    ])
+    .ok();
+    assert!(
+        allocated(&dst3) <= 6 << 20,
+        "copy allocates {} bytes",
+        allocated(&dst3)
+    );
+    assert_eq!(
+        qemu_img(&["compare", "-f", "raw", "-F", "raw", s(&src), s(&dst3)]).code,
+        0
+    );
+    let r = imgloop(&[
+        "convert",
+        "-t",
+        "bogus",
+        "-O",
+        "raw",
+        s(&src),
+        s(&sc.path("x")),
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("cache mode"), "{}", r.stderr);
 }
 
 #[test]
