@@ -5,16 +5,17 @@
 #   REPS=5 bash bench/bench.sh     # more repetitions
 #
 # Cases (each tool gets one untimed warm-up run, then REPS timed runs; the
-# best, i.e. minimum, wall time is reported):
-#   convert        convert -f raw -O raw SRC DST
-#   convert -S 64k convert -f raw -O raw -S 64k SRC DST
-#   convert (qemu -t wb)
-#                  as `convert`, but qemu-img gets `-t writeback` so that it
-#                  flushes the target at the end like imgloop always does
-#   compare        compare -f raw -F raw SRC DST (the same pair for both tools)
+# best, i.e. minimum, wall time is reported; ratio = imgloop / qemu-img):
+#   raw->raw, raw->raw -S 64k, raw->raw -t writeback
+#   raw->qcow2, qcow2->raw (the qcow2 source is qemu-img's copy of SRC)
+#   raw->qcow2 -c zlib, raw->qcow2 -c zstd
+#   compare raw raw, compare qcow2 raw
+# plus random 4 KiB reads through the library on a fully allocated 512 MiB
+# qcow2 against the raw file with the same bytes (imgloop only).
 #
-# Every convert output is checked with `qemu-img compare` against the source,
-# and the allocated size (`du -k`) of every output is printed.
+# Every convert output is checked with `qemu-img compare` against the source
+# (and `qemu-img check` for qcow2), and the allocated size (`du -k`) of every
+# output is printed.
 #
 # Environment:
 #   REPS      timed repetitions per case and tool (default 3)
@@ -152,67 +153,97 @@ run_timed() {
 RESULTS=()   # "case|qemu|imgloop"
 SIZES=()     # "output|KiB"
 
+# verify FMT OUT: OUT (format FMT) must read identical to the source.
 verify() {
-    local out=$1
-    if ! "$QEMU_IMG" compare -q -f raw -F raw "$SRC" "$out"; then
-        die "verification failed: $out differs from the source"
+    if ! "$QEMU_IMG" compare -q -f raw -F "$1" "$SRC" "$2"; then
+        die "verification failed: $2 differs from the source"
     fi
 }
 
-# bench_convert NAME QEMU_ONLY_ARGS EXTRA_ARGS...
+# bench_convert NAME IN_FMT IN OUT_FMT QEMU_ONLY_ARGS ARGS...
+# Times `convert -f IN_FMT -O OUT_FMT ARGS IN DST` for both tools.
 # QEMU_ONLY_ARGS (a word list, may be empty) goes to qemu-img only.
 bench_convert() {
-    local name=$1
+    local name=$1 in_fmt=$2 in=$3 out_fmt=$4
     local -a qonly
-    read -r -a qonly <<<"$2"
-    shift 2
+    read -r -a qonly <<<"$5"
+    shift 5
     local tag=${name//[^A-Za-z0-9]/_}
-    local dq=$WORK/dst-qemu-img$tag.raw
-    local di=$WORK/dst-imgloop$tag.raw
+    local dq=$WORK/dst-qemu-img$tag.$out_fmt
+    local di=$WORK/dst-imgloop$tag.$out_fmt
     local best_q="" best_i="" t r
-    msg "case 'convert$name': warm-up"
+    msg "case '$name': warm-up"
     rm -f -- "$dq" "$di"
-    run_timed "$QEMU_IMG" convert "${qonly[@]}" -f raw -O raw "$@" "$SRC" "$dq" >/dev/null
-    run_timed "$IMGLOOP" convert -f raw -O raw "$@" "$SRC" "$di" >/dev/null
+    run_timed "$QEMU_IMG" convert "${qonly[@]}" -f "$in_fmt" -O "$out_fmt" "$@" "$in" "$dq" >/dev/null
+    run_timed "$IMGLOOP" convert -f "$in_fmt" -O "$out_fmt" "$@" "$in" "$di" >/dev/null
     for r in $(seq 1 "$REPS"); do
         rm -f -- "$dq" "$di"
-        t=$(run_timed "$QEMU_IMG" convert "${qonly[@]}" -f raw -O raw "$@" "$SRC" "$dq")
+        t=$(run_timed "$QEMU_IMG" convert "${qonly[@]}" -f "$in_fmt" -O "$out_fmt" "$@" "$in" "$dq")
         best_q=$(fmin "$best_q" "$t")
-        t=$(run_timed "$IMGLOOP" convert -f raw -O raw "$@" "$SRC" "$di")
+        t=$(run_timed "$IMGLOOP" convert -f "$in_fmt" -O "$out_fmt" "$@" "$in" "$di")
         best_i=$(fmin "$best_i" "$t")
-        msg "case 'convert$name': run $r/$REPS done"
+        msg "case '$name': run $r/$REPS done"
     done
-    verify "$dq"
-    verify "$di"
-    RESULTS+=("convert$name|$best_q|$best_i")
-    SIZES+=("qemu-img convert$name|$(alloc_kib "$dq")")
-    SIZES+=("imgloop convert$name|$(alloc_kib "$di")")
+    verify "$out_fmt" "$dq"
+    verify "$out_fmt" "$di"
+    if [ "$out_fmt" = qcow2 ]; then
+        "$QEMU_IMG" check -q "$di" || die "qemu-img check failed on $di"
+    fi
+    RESULTS+=("$name|$best_q|$best_i")
+    SIZES+=("qemu-img $name|$(alloc_kib "$dq")")
+    SIZES+=("imgloop $name|$(alloc_kib "$di")")
 }
 
+# bench_compare NAME FMT_A A FMT_B B
 bench_compare() {
-    local other=$1
+    local name=$1 fa=$2 a=$3 fb=$4 b=$5
     local best_q="" best_i="" t r
-    msg "case 'compare': warm-up"
-    run_timed "$QEMU_IMG" compare -f raw -F raw "$SRC" "$other" >/dev/null
-    run_timed "$IMGLOOP" compare -f raw -F raw "$SRC" "$other" >/dev/null
+    msg "case '$name': warm-up"
+    run_timed "$QEMU_IMG" compare -f "$fa" -F "$fb" "$a" "$b" >/dev/null
+    run_timed "$IMGLOOP" compare -f "$fa" -F "$fb" "$a" "$b" >/dev/null
     for r in $(seq 1 "$REPS"); do
-        t=$(run_timed "$QEMU_IMG" compare -f raw -F raw "$SRC" "$other")
+        t=$(run_timed "$QEMU_IMG" compare -f "$fa" -F "$fb" "$a" "$b")
         best_q=$(fmin "$best_q" "$t")
-        t=$(run_timed "$IMGLOOP" compare -f raw -F raw "$SRC" "$other")
+        t=$(run_timed "$IMGLOOP" compare -f "$fa" -F "$fb" "$a" "$b")
         best_i=$(fmin "$best_i" "$t")
-        msg "case 'compare': run $r/$REPS done"
+        msg "case '$name': run $r/$REPS done"
     done
-    RESULTS+=("compare|$best_q|$best_i")
+    RESULTS+=("$name|$best_q|$best_i")
 }
 
-bench_convert "" ""
-bench_convert " -S 64k" "" -S 64k
-# qemu-img convert writes the target with cache=unsafe by default and never
-# flushes it; imgloop always ends with fdatasync. This row makes qemu-img
-# flush too (-t writeback), to show how much of the gap is that flush.
-bench_convert " (qemu -t wb)" "-t writeback"
-# Both tools compare the same pair: the source and qemu-img's default copy.
-bench_compare "$WORK/dst-qemu-img.raw"
+bench_convert "raw->raw" raw "$SRC" raw ""
+bench_convert "raw->raw -S 64k" raw "$SRC" raw "" -S 64k
+bench_convert "raw->raw -t writeback" raw "$SRC" raw "" -t writeback
+bench_convert "raw->qcow2" raw "$SRC" qcow2 ""
+# A qcow2 copy of the source made by qemu-img is the input of qcow2->raw.
+QSRC=$WORK/src.qcow2
+"$QEMU_IMG" convert -f raw -O qcow2 "$SRC" "$QSRC"
+bench_convert "qcow2->raw" qcow2 "$QSRC" raw ""
+bench_convert "raw->qcow2 -c zlib" raw "$SRC" qcow2 "" -c
+bench_convert "raw->qcow2 -c zstd" raw "$SRC" qcow2 "" -c -o compression_type=zstd
+bench_compare "compare raw raw" raw "$SRC" raw "$WORK/dst-qemu-img_raw__raw.raw"
+bench_compare "compare qcow2 raw" qcow2 "$QSRC" raw "$SRC"
+
+# Random 4 KiB reads through the library: a fully allocated qcow2 against
+# the raw file holding the same bytes (imgloop only; ratio qcow2/raw time).
+msg "random reads: building the example"
+(cd "$ROOT" && cargo build --release -q -p imgloop --example randread) || die "cargo build failed"
+RANDREAD=$TARGET_DIR/release/examples/randread
+FULL=$WORK/full.raw
+dd if=/dev/urandom of="$FULL" bs=1M count=512 status=none
+"$QEMU_IMG" convert -S 0 -f raw -O qcow2 "$FULL" "$WORK/full.qcow2"
+rr_best() {
+    local best="" t r
+    for r in $(seq 1 "$REPS"); do
+        t=$("$RANDREAD" "$1" "$2" 400000 1 | awk '{print $4}')
+        best=$(fmin "$best" "$t")
+    done
+    echo "$best"
+}
+"$RANDREAD" "$FULL" raw 100000 1 >/dev/null
+"$RANDREAD" "$WORK/full.qcow2" qcow2 100000 1 >/dev/null
+RR_RAW=$(rr_best "$FULL" raw)
+RR_QCOW2=$(rr_best "$WORK/full.qcow2" qcow2)
 
 # ---------------------------------------------------------------------------
 # Report
@@ -239,3 +270,8 @@ for row in "${SIZES[@]}"; do
 done
 echo
 echo "all convert outputs verified identical to the source with qemu-img compare"
+echo
+echo "random 4 KiB reads through the library (400000 reads, 1 thread, 512 MiB fully allocated):"
+printf '%-22s %12s\n' "raw file s" "$RR_RAW"
+printf '%-22s %12s\n' "qcow2 s" "$RR_QCOW2"
+awk -v r="$RR_RAW" -v q="$RR_QCOW2" 'BEGIN { printf "qcow2 speed vs raw: %.0f%%\n", 100 * r / q }'
