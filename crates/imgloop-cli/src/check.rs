@@ -1,7 +1,8 @@
 //! `imgloop check`, with qemu-img's exit codes.
 
-use crate::common::{open, print_json, report, Output};
-use imgloop::{CheckReport, ErrorKind, RepairMode};
+use crate::common::{print_json, report, Output};
+use imgloop::formats::qcow2::OPEN_FOR_CHECK;
+use imgloop::{CheckReport, ErrorKind, Image, OpenOptions, RepairMode};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -75,15 +76,14 @@ pub fn exit_code(r: &CheckReport) -> u8 {
     }
 }
 
-fn print_human(r: &CheckReport) {
+/// Prints the findings of one pass, on stderr as qemu-img does.
+fn print_messages(r: &CheckReport) {
     for m in &r.messages {
-        println!("{m}");
+        eprintln!("{m}");
     }
-    if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!("    {} leaked clusters", r.leaks_fixed);
-        println!("    {} corruptions\n", r.corruptions_fixed);
-    }
+}
+
+fn print_human(r: &CheckReport) {
     if r.check_errors == 0 && r.corruptions == 0 && r.leaks == 0 {
         println!("No errors were found on the image.");
     }
@@ -116,8 +116,17 @@ fn print_human(r: &CheckReport) {
             );
         }
     }
-    if let Some(end) = r.image_end_offset {
+    if let Some(end) = r.image_end_offset.filter(|&e| e > 0) {
         println!("Image end offset: {end}");
+    }
+}
+
+fn fail(e: &imgloop::Error) -> u8 {
+    report(e);
+    if e.kind() == ErrorKind::Unsupported {
+        EXIT_UNSUPPORTED
+    } else {
+        EXIT_NOT_COMPLETED
     }
 }
 
@@ -126,28 +135,46 @@ pub fn run(a: Args) -> u8 {
         Repair::Leaks => RepairMode::Leaks,
         Repair::All => RepairMode::All,
     });
-    let img = match open(
-        &a.file,
-        a.format.as_deref(),
-        repair.is_none(),
-        a.force_share,
-    ) {
+    // A check may open a damaged image that a normal open refuses: marked
+    // corrupt (to repair it), or dirty (the check repairs it, not the open).
+    let opts = OpenOptions {
+        format: a.format.clone(),
+        read_only: repair.is_none(),
+        force_share: a.force_share,
+        driver_options: [(OPEN_FOR_CHECK.to_string(), "on".to_string())].into(),
+        ..Default::default()
+    };
+    let img = match Image::open(&a.file, &opts) {
         Ok(i) => i,
         Err(e) => {
             report(&e);
             return EXIT_NOT_COMPLETED;
         }
     };
-    let r = match img.check(repair) {
+    let human = a.output == Output::Human && !a.quiet;
+    let first = match img.check(repair) {
         Ok(r) => r,
-        Err(e) if e.kind() == ErrorKind::Unsupported => {
-            report(&e);
-            return EXIT_UNSUPPORTED;
+        Err(e) => return fail(&e),
+    };
+    print_messages(&first);
+    let r = if repair.is_some() && (first.corruptions_fixed > 0 || first.leaks_fixed > 0) {
+        // As qemu-img: report what a fresh check of the repaired image finds.
+        if human {
+            println!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                first.leaks_fixed, first.corruptions_fixed
+            );
         }
-        Err(e) => {
-            report(&e);
-            return EXIT_NOT_COMPLETED;
-        }
+        let mut second = match img.check(None) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        print_messages(&second);
+        second.leaks_fixed = first.leaks_fixed;
+        second.corruptions_fixed = first.corruptions_fixed;
+        second
+    } else {
+        first
     };
     if !a.quiet {
         match a.output {
@@ -162,6 +189,9 @@ pub fn run(a: Args) -> u8 {
     if let Err(e) = img.close() {
         report(&e);
         return EXIT_NOT_COMPLETED;
+    }
+    if r.check_errors > 0 {
+        eprintln!("imgloop: {}: Check failed", img.name());
     }
     exit_code(&r)
 }

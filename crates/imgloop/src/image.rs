@@ -677,9 +677,11 @@ impl Image {
                 let (bs, depth) = b.block_status_chain(offset, s.len)?;
                 Ok((bs, depth + 1))
             }
+            // Past the end of a shorter backing image: zeroes, reported
+            // at this layer as qemu-img does.
             Some(_) => {
                 s.zero = true;
-                Ok((s, 1))
+                Ok((s, 0))
             }
             None => {
                 s.zero = true;

@@ -207,6 +207,7 @@ impl Qcow2 {
     pub(crate) fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
         let per = self.rc_per_block(m);
         let mut start = m.free_hint;
+        let mut first_free = None;
         let mut run = 0u64;
         let mut c = start;
         while run < n {
@@ -220,6 +221,7 @@ impl Qcow2 {
                 if run == 0 {
                     start = c;
                 }
+                first_free.get_or_insert(c);
                 run += 1;
             } else {
                 run = 0;
@@ -229,9 +231,12 @@ impl Qcow2 {
         for k in 0..n {
             self.set_refcount(m, start + k, 1)?;
         }
-        if start == m.free_hint {
-            m.free_hint = start + n;
-        }
+        // Everything below the first free cluster seen is in use; when the
+        // run starts there, the clusters it takes are too.
+        m.free_hint = match first_free {
+            Some(f) if f < start => f,
+            _ => start + n,
+        };
         Ok(start * self.cluster_size)
     }
 
@@ -316,5 +321,47 @@ mod tests {
         assert_eq!(block[0], 0b0000_0001);
         Qcow2::set_rc_entry(&mut block, 3, 2, 2);
         assert_eq!(block[0], 0b1000_0001);
+    }
+}
+
+#[cfg(test)]
+mod alloc_tests {
+    use super::super::testutil::mem_image;
+
+    #[test]
+    fn allocations_continue_after_the_last_one_without_rescanning() {
+        let (_mem, q) = mem_image(1 << 20, &[("cluster_size", "512")]);
+        let mut m = q.lock();
+        let first = q.alloc_clusters(&mut m, 1).unwrap();
+        for k in 1..2000u64 {
+            let off = q.alloc_clusters(&mut m, 1).unwrap();
+            // Contiguous, except where a new refcount block takes a cluster.
+            assert!(
+                off > first + (k - 1) * 512,
+                "allocation {k} went back to {off}"
+            );
+            // The hint sits right after the last allocation: the next
+            // search starts there instead of at cluster 0.
+            assert_eq!(m.free_hint, off / 512 + 1, "allocation {k}");
+        }
+    }
+
+    #[test]
+    fn a_freed_cluster_is_reused_and_runs_skip_holes_that_are_too_small() {
+        let (_mem, q) = mem_image(1 << 20, &[("cluster_size", "512")]);
+        let mut m = q.lock();
+        let a = q.alloc_clusters(&mut m, 1).unwrap() / 512;
+        let b = q.alloc_clusters(&mut m, 1).unwrap() / 512;
+        let c = q.alloc_clusters(&mut m, 1).unwrap() / 512;
+        assert_eq!((b, c), (a + 1, a + 2));
+        q.set_refcount(&mut m, b, 0).unwrap();
+        assert_eq!(m.free_hint, b);
+        // Two clusters do not fit in the hole: they go after c, and the
+        // hole stays where the next search starts.
+        let run = q.alloc_clusters(&mut m, 2).unwrap() / 512;
+        assert_eq!(run, c + 1);
+        assert_eq!(m.free_hint, b);
+        assert_eq!(q.alloc_clusters(&mut m, 1).unwrap() / 512, b);
+        assert_eq!(q.alloc_clusters(&mut m, 1).unwrap() / 512, c + 3);
     }
 }

@@ -1,568 +1,976 @@
-//! Consistency check and repair.
+//! Consistency check and repair, with the findings, counts and repairs of
+//! `qemu-img check`.
 //!
-//! The check walks every structure that references clusters (header, L1
-//! and L2 tables of the active image and of each snapshot, the snapshot
-//! table, the refcount structure, bitmaps), counts the references per host
-//! cluster and compares them with the stored refcounts. Stored refcounts
-//! that are too high are leaks; too low (including two structures using
-//! one cluster) are corruptions. `-r leaks` lowers leaked refcounts;
-//! `-r all` also zeroes invalid L2 entries, rebuilds the whole refcount
-//! structure at the end of the file when any refcount is too low, and
-//! fixes COPIED flags.
+//! One call is one pass, like the driver-level check of QEMU; after a
+//! repair the caller runs a second, read-only pass to report what is left
+//! (the CLI prints "Double checking the fixed image now...").
+//!
+//! A pass:
+//! 1. counts the references to every host cluster: the header, the active
+//!    and the snapshot L1 and L2 tables, the snapshot table, bitmaps, the
+//!    refcount table and refcount blocks. Invalid entries are reported. A
+//!    reference that reaches a cluster or more past the end of the file is
+//!    a corruption and is not counted.
+//! 2. compares the counts with the stored refcounts: stored higher is a
+//!    leak, stored lower a corruption. A stored 0 under a reference, or a
+//!    broken refcount table entry or block, means the refcount structure
+//!    has to be rebuilt.
+//! 3. repairs: `-r leaks` lowers leaked refcounts (it refuses when a rebuild
+//!    is needed); `-r all` also raises refcounts that are too low, or
+//!    rebuilds the whole refcount structure (blocks, then the table, each in
+//!    the first free clusters) and then frees the old one.
+//! 4. checks the COPIED flags of the active tables against the (repaired)
+//!    refcounts: set exactly when the refcount is 1.
+//!
+//! A repair that leaves no corruption clears the dirty and corrupt bits.
+//!
+//! Beyond QEMU, `-r all` also repairs what QEMU only reports, so that a
+//! repaired image is clean: reserved bits are cleared, an unaligned data
+//! cluster or a data cluster or L2 table past the end of the file is
+//! dropped (the guest cluster then reads as zeroes, as QEMU reads it), a
+//! compressed cluster whose size reaches past the end of the file is cut
+//! at the end of the file, and COPIED is cleared on compressed clusters.
 
 use super::entry::{self, Cluster};
 use super::{header, read_u64_table, snapshot, Meta, Qcow2};
 use crate::driver::{CheckReport, RepairMode};
 use crate::error::{Error, ErrorKind, Result};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+
+/// Driver option (`DriverOpenOptions::options` key) for opens made to check
+/// or repair an image: a read-write open is allowed on an image marked
+/// corrupt, a dirty image is not repaired on open (the check does it), and
+/// L1 and refcount table entries are not validated up front (the check
+/// reports them).
+pub const OPEN_FOR_CHECK: &str = "x-check";
 
 /// Most clusters a check tracks (512 MiB of counters).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
 
-struct Scan {
-    cs: u64,
-    refs: Vec<u32>,
-    report: CheckReport,
-    /// Invalid L2 entries: (table offset, index).
-    bad_entries: Vec<(u64, usize)>,
-    /// Corruptions of refcounts (stored too low).
-    rc_corruptions: u64,
-    /// Other corruptions that a refcount rebuild does not fix.
-    other_corruptions: u64,
-}
+/// Reserved low bits of a refcount table entry.
+const RT_RESERVED: u64 = 0x1ff;
 
-impl Scan {
-    /// Counts one reference to every cluster of `[off, off+len)`.
-    fn add(&mut self, off: u64, len: u64, what: &str) {
-        if len == 0 {
-            return;
-        }
-        let first = off / self.cs;
-        let last = (off + len - 1) / self.cs;
-        if last >= self.refs.len() as u64 {
-            self.report.corruptions += 1;
-            self.other_corruptions += 1;
-            self.report.messages.push(format!(
-                "ERROR {what} at offset {off:#x} lies past the end of the image file"
-            ));
-            return;
-        }
-        for c in first..=last {
-            self.refs[c as usize] = self.refs[c as usize].saturating_add(1);
-        }
-    }
-
-    fn corrupt(&mut self, msg: String) {
-        self.report.corruptions += 1;
-        self.other_corruptions += 1;
-        self.report.messages.push(msg);
-    }
-}
-
-/// Checks (and repairs) `q`.
+/// Checks (and with `repair`, repairs) `q` in one pass.
 pub(super) fn check(q: &Qcow2, repair: Option<RepairMode>) -> Result<CheckReport> {
-    let first = scan(q, repair)?;
-    if repair.is_some() && (first.report.corruptions_fixed > 0 || first.report.leaks_fixed > 0) {
-        let mut second = scan(q, None)?.report;
-        second.corruptions_fixed = first.report.corruptions_fixed;
-        second.leaks_fixed = first.report.leaks_fixed;
-        let mut msgs = first.report.messages;
-        msgs.push("Double checking the fixed image now...".into());
-        msgs.extend(second.messages);
-        second.messages = msgs;
-        return Ok(second);
+    let mut m = q.lock();
+    let mut p = Pass::new(q, repair)?;
+    p.run(&mut m)?;
+    Ok(p.res)
+}
+
+/// Repaired L1 entry: (table offset, index, new value, is the active table).
+type L1Fix = (u64, usize, u64, bool);
+
+struct Pass<'a> {
+    q: &'a Qcow2,
+    cs: u64,
+    file_len: u64,
+    repair: Option<RepairMode>,
+    /// Repair invalid L1/L2 entries while walking (`-r all`, first count).
+    fix_entries: bool,
+    res: CheckReport,
+    /// References counted per host cluster.
+    refs: Vec<u32>,
+    rebuild: bool,
+    /// Highest cluster with a stored refcount or a reference.
+    highest: u64,
+    /// Repaired L2 tables, written after the comparison (and rebuild).
+    l2_fixes: BTreeMap<u64, Box<[u8]>>,
+    l1_fixes: Vec<L1Fix>,
+    /// Refcount blocks read during this pass (cleared on every change).
+    blocks: HashMap<u64, Box<[u8]>>,
+    /// Statistics of the active image.
+    allocated: u64,
+    fragmented: u64,
+    compressed: u64,
+    next_contiguous: u64,
+}
+
+/// Differences between stored and counted refcounts: (cluster, stored, counted).
+type Mismatch = (u64, u64, u64);
+
+impl<'a> Pass<'a> {
+    fn new(q: &'a Qcow2, repair: Option<RepairMode>) -> Result<Self> {
+        let cs = q.cluster_size;
+        let file_len = q
+            .file
+            .len()
+            .map_err(|e| Error::io("reading image size", e))?;
+        if file_len.div_ceil(cs) > MAX_CHECK_CLUSTERS {
+            return Err(Error::unsupported(format!(
+                "checking images of more than {MAX_CHECK_CLUSTERS} clusters"
+            )));
+        }
+        Ok(Pass {
+            q,
+            cs,
+            file_len,
+            repair,
+            fix_entries: repair == Some(RepairMode::All),
+            res: CheckReport::default(),
+            refs: vec![0; file_len.div_ceil(cs) as usize],
+            rebuild: false,
+            highest: 0,
+            l2_fixes: BTreeMap::new(),
+            l1_fixes: Vec::new(),
+            blocks: HashMap::new(),
+            allocated: 0,
+            fragmented: 0,
+            compressed: 0,
+            next_contiguous: 0,
+        })
     }
-    Ok(first.report)
-}
 
-fn read_l2(q: &Qcow2, off: u64) -> Result<Box<[u8]>> {
-    q.read_cluster(off, "L2 table")
-}
+    fn say(&mut self, msg: String) {
+        self.res.messages.push(msg);
+    }
 
-/// Walks one L1 table; `active` collects statistics.
-fn walk_l1(q: &Qcow2, s: &mut Scan, m: &mut Meta, l1: &[u64], l1_off: u64, active: bool) {
-    let cs = s.cs;
-    let data_in_file = Arc::ptr_eq(&q.file, &q.data);
-    let mut prev_host = None::<u64>;
-    for (i1, &e) in l1.iter().enumerate() {
-        let l2 = e & entry::L1_OFFSET_MASK;
-        if l2 == 0 {
-            continue;
+    /// A corruption left as it is.
+    fn error(&mut self, msg: String) {
+        self.res.corruptions += 1;
+        self.say(msg);
+    }
+
+    /// A corruption repaired.
+    fn repaired(&mut self, msg: String) {
+        self.res.corruptions_fixed += 1;
+        self.say(msg);
+    }
+
+    /// True when `[off, off+len)` ends less than a cluster past the end of
+    /// the file (the last cluster of an image may be partly written).
+    fn in_file(&self, off: u64, len: u64) -> bool {
+        off.saturating_add(len).saturating_sub(self.file_len) < self.cs
+    }
+
+    /// Counts one reference to every cluster of `[off, off+len)`; false
+    /// (nothing counted) when the range reaches too far past the file.
+    fn inc(&mut self, off: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
         }
-        if e & entry::L1_RESERVED != 0 || !l2.is_multiple_of(cs) {
-            s.corrupt(format!(
-                "ERROR L1 entry {i1} of the L1 table at {l1_off:#x} is invalid ({e:#x})"
-            ));
-            continue;
+        if !self.in_file(off, len) {
+            return false;
         }
-        s.add(l2, cs, "L2 table");
-        if l2 / cs >= s.refs.len() as u64 {
-            continue;
+        let first = (off / self.cs) as usize;
+        let last = ((off + len - 1) / self.cs) as usize;
+        if last >= self.refs.len() {
+            self.refs.resize(last + 1, 0);
         }
-        // Prefer the cached copy: it may hold changes not yet written.
-        let table: Box<[u8]> = match m.l2.peek(l2) {
-            Some(t) => t.into(),
-            None => match read_l2(q, l2) {
-                Ok(t) => t,
-                Err(_) => {
-                    s.report.check_errors += 1;
-                    continue;
+        for r in &mut self.refs[first..=last] {
+            *r = r.saturating_add(1);
+        }
+        true
+    }
+
+    fn eof_message(off: u64, len: u64) -> String {
+        format!(
+            "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
+        )
+    }
+
+    /// [`inc`](Self::inc), reporting a range past the end of the file.
+    fn inc_or_report(&mut self, off: u64, len: u64) {
+        if !self.inc(off, len) {
+            self.error(Self::eof_message(off, len));
+        }
+    }
+
+    /// Reads `len` bytes at `off`; the part past the end of the file reads
+    /// as zeroes (as QEMU reads it).
+    fn read_padded(&self, off: u64, len: u64) -> std::io::Result<Box<[u8]>> {
+        let mut buf = vec![0u8; len as usize].into_boxed_slice();
+        if off < self.file_len {
+            let n = (self.file_len - off).min(len) as usize;
+            self.q.file.read_at(&mut buf[..n], off)?;
+        }
+        Ok(buf)
+    }
+
+    /// An L2 table, from the cache when it is there.
+    fn read_l2(&self, m: &Meta, off: u64) -> std::io::Result<Box<[u8]>> {
+        match m.l2.peek(off) {
+            Some(t) => Ok(t.into()),
+            None => self.read_padded(off, self.cs),
+        }
+    }
+
+    /// The entry that makes a guest cluster read as zeroes (unallocated in
+    /// version 2, which has no zero flag).
+    fn zero_entry(&self) -> (u64, u64) {
+        if self.q.ext_l2 {
+            (0, entry::ALL_ZERO)
+        } else if self.q.v3 {
+            (entry::ZERO, 0)
+        } else {
+            (0, 0)
+        }
+    }
+
+    fn run(&mut self, m: &mut Meta) -> Result<()> {
+        let size = self.q.size.load(std::sync::atomic::Ordering::Acquire);
+        self.res.total_clusters = Some(size.div_ceil(self.cs));
+        self.count(m);
+        let mismatches = self.compare(m);
+        match self.repair {
+            Some(RepairMode::All) if self.rebuild => self.rebuild_and_recount(m, &mismatches)?,
+            Some(RepairMode::Leaks) if self.rebuild => {
+                self.report(&mismatches);
+                self.say("ERROR need to rebuild refcount structures".into());
+                self.res.check_errors += 1;
+                self.finish_stats();
+                return Ok(());
+            }
+            Some(mode) => {
+                self.apply_entry_fixes(m)?;
+                self.fix_refcounts(m, &mismatches, mode)?;
+            }
+            None => self.report(&mismatches),
+        }
+        self.check_copied(m)?;
+        self.finish_stats();
+        self.res.image_end_offset = Some((self.highest + 1) * self.cs);
+        if self.repair.is_some() {
+            if self.res.check_errors == 0 && self.res.corruptions == 0 {
+                let flags = header::incompat::DIRTY | header::incompat::CORRUPT;
+                if m.header.incompatible_features & flags != 0 {
+                    m.header.incompatible_features &= !flags;
+                    self.q.write_header(m)?;
                 }
-            },
-        };
-        for i2 in 0..q.l2_entries as usize {
-            let (raw, bitmap) = q.l2_get(&table, i2);
-            let guest = (i1 as u64 * q.l2_entries + i2 as u64) * cs;
-            match entry::decode(raw, bitmap, q.cluster_bits, q.ext_l2, q.v3) {
-                Err(why) => {
-                    s.corrupt(format!(
-                        "ERROR L2 entry {i2} of the L2 table at {l2:#x} (guest offset {guest:#x}): {}",
-                        why.describe()
-                    ));
-                    s.bad_entries.push((l2, i2));
-                }
-                Ok(Cluster::Unallocated) | Ok(Cluster::Zero { host: None, .. }) => {}
-                Ok(Cluster::Normal { host, .. })
-                | Ok(Cluster::Zero {
-                    host: Some(host), ..
-                }) => {
-                    let is_zero = matches!(
-                        entry::decode(raw, bitmap, q.cluster_bits, q.ext_l2, q.v3),
-                        Ok(Cluster::Zero { .. })
-                    );
-                    if data_in_file {
-                        if host / cs >= s.refs.len() as u64 {
-                            s.corrupt(format!(
-                                "ERROR data cluster of guest offset {guest:#x} at host offset {host:#x} lies past the end of the image file"
+                m.corrupt = false;
+            }
+            self.q.flush_meta(m)?;
+            self.q.sync_file()?;
+        }
+        Ok(())
+    }
+
+    fn finish_stats(&mut self) {
+        self.res.allocated_clusters = Some(self.allocated);
+        self.res.fragmented_clusters = Some(self.fragmented);
+        self.res.compressed_clusters = Some(self.compressed);
+    }
+
+    /// Step 1: counts every reference.
+    fn count(&mut self, m: &Meta) {
+        let cs = self.cs;
+        let h = m.header.clone();
+        self.inc_or_report(0, cs);
+        self.inc_or_report(h.l1_table_offset, h.l1_size as u64 * 8);
+        let l1 = m.l1.clone();
+        self.walk_l1(m, &l1, h.l1_table_offset, true);
+
+        if h.nb_snapshots > 0 {
+            match snapshot::read_table(&*self.q.file, h.snapshots_offset, h.nb_snapshots) {
+                Ok(t) => {
+                    self.inc_or_report(h.snapshots_offset, t.bytes);
+                    for snap in &t.entries {
+                        if !snap.l1_table_offset.is_multiple_of(cs)
+                            || snap.l1_size as u64 * 8 > header::MAX_L1_BYTES
+                        {
+                            self.error(format!(
+                                "ERROR snapshot '{}' has an invalid L1 table (offset {:#x}, {} entries)",
+                                snap.id, snap.l1_table_offset, snap.l1_size
                             ));
-                            s.bad_entries.push((l2, i2));
                             continue;
                         }
-                        s.add(host, cs, "data cluster");
-                    }
-                    if active && !is_zero {
-                        s.report.allocated_clusters =
-                            Some(s.report.allocated_clusters.unwrap_or(0) + 1);
-                        if prev_host.is_some_and(|p| p + cs != host) {
-                            s.report.fragmented_clusters =
-                                Some(s.report.fragmented_clusters.unwrap_or(0) + 1);
+                        self.inc_or_report(snap.l1_table_offset, snap.l1_size as u64 * 8);
+                        match read_u64_table(
+                            &*self.q.file,
+                            snap.l1_table_offset,
+                            snap.l1_size as u64,
+                            "snapshot L1 table",
+                        ) {
+                            Ok(sl1) => self.walk_l1(m, &sl1, snap.l1_table_offset, false),
+                            Err(e) => {
+                                self.res.check_errors += 1;
+                                self.say(format!("ERROR reading a snapshot L1 table: {e}"));
+                            }
                         }
-                        prev_host = Some(host);
                     }
                 }
-                Ok(Cluster::Compressed { host, len }) => {
-                    let file_end = s.refs.len() as u64 * cs;
-                    if host >= file_end {
-                        s.corrupt(format!(
-                            "ERROR compressed cluster of guest offset {guest:#x} at host offset {host:#x} lies past the end of the image file"
-                        ));
-                        s.bad_entries.push((l2, i2));
-                        continue;
-                    }
-                    s.add(host, len.min(file_end - host), "compressed cluster");
-                    if active {
-                        s.report.allocated_clusters =
-                            Some(s.report.allocated_clusters.unwrap_or(0) + 1);
-                        s.report.compressed_clusters =
-                            Some(s.report.compressed_clusters.unwrap_or(0) + 1);
-                        prev_host = None;
-                    }
-                }
+                Err(e) => self.error(format!("ERROR snapshot table: {e}")),
             }
         }
-    }
-}
 
-struct ScanResult {
-    report: CheckReport,
-}
-
-fn scan(q: &Qcow2, repair: Option<RepairMode>) -> Result<ScanResult> {
-    let mut m = q.lock();
-    let cs = q.cluster_size;
-    let file_len = q
-        .file
-        .len()
-        .map_err(|e| Error::io("reading image size", e))?;
-    let nclusters = file_len.div_ceil(cs);
-    if nclusters > MAX_CHECK_CLUSTERS {
-        return Err(Error::unsupported(format!(
-            "checking images of more than {MAX_CHECK_CLUSTERS} clusters"
-        )));
-    }
-    let mut s = Scan {
-        cs,
-        refs: vec![0u32; nclusters as usize],
-        report: CheckReport::default(),
-        bad_entries: Vec::new(),
-        rc_corruptions: 0,
-        other_corruptions: 0,
-    };
-    let size = q.size.load(std::sync::atomic::Ordering::Acquire);
-    s.report.total_clusters = Some(size.div_ceil(cs));
-    s.add(0, cs, "header");
-
-    let h = m.header.clone();
-    s.add(h.l1_table_offset, h.l1_size as u64 * 8, "L1 table");
-    let l1 = m.l1.clone();
-    walk_l1(q, &mut s, &mut m, &l1, h.l1_table_offset, true);
-
-    if h.nb_snapshots > 0 {
-        match snapshot::read_table(&*q.file, h.snapshots_offset, h.nb_snapshots) {
-            Ok(t) => {
-                s.add(h.snapshots_offset, t.bytes, "snapshot table");
-                for snap in &t.entries {
-                    if snap.l1_table_offset % cs != 0
-                        || snap.l1_size as u64 * 8 > header::MAX_L1_BYTES
-                    {
-                        s.corrupt(format!(
-                            "ERROR snapshot '{}' has an invalid L1 table",
-                            snap.id
-                        ));
-                        continue;
-                    }
-                    s.add(
-                        snap.l1_table_offset,
-                        snap.l1_size as u64 * 8,
-                        "snapshot L1 table",
-                    );
-                    match read_u64_table(
-                        &*q.file,
-                        snap.l1_table_offset,
-                        snap.l1_size as u64,
-                        "snapshot L1 table",
-                    ) {
-                        Ok(sl1) => walk_l1(q, &mut s, &mut m, &sl1, snap.l1_table_offset, false),
-                        Err(_) => s.report.check_errors += 1,
-                    }
-                }
-            }
-            Err(e) => {
-                s.corrupt(format!("ERROR snapshot table: {e}"));
+        if h.autoclear_features & header::autoclear::BITMAPS != 0 {
+            if let Some(ext) = h.extension(header::ext::BITMAPS) {
+                self.count_bitmaps(ext);
             }
         }
-    }
 
-    if h.autoclear_features & header::autoclear::BITMAPS != 0 {
-        if let Some(ext) = h.extension(header::ext::BITMAPS) {
-            count_bitmaps(q, &mut s, ext);
-        }
-    }
-
-    // References without the refcount structure (for a rebuild).
-    let refs_without_rc = s.refs.clone();
-    s.add(
-        h.refcount_table_offset,
-        h.refcount_table_clusters as u64 * cs,
-        "refcount table",
-    );
-    let mut rc_structure_broken = false;
-    for (i, &b) in m.rc_table.clone().iter().enumerate() {
-        if b == 0 {
-            continue;
-        }
-        if b % cs != 0 || b / cs >= nclusters {
-            rc_structure_broken = true;
-            s.corrupt(format!(
-                "ERROR refcount block {i} at {b:#x} is invalid or past the end of the file"
-            ));
-            continue;
-        }
-        s.add(b, cs, "refcount block");
-    }
-
-    // Compare.
-    let mut fix: Vec<(u64, u64)> = Vec::new();
-    for c in 0..nclusters {
-        let stored = match q.refcount(&mut m, c) {
-            Ok(r) => r,
-            Err(_) => {
-                rc_structure_broken = true;
-                s.report.check_errors += 1;
-                continue;
-            }
-        };
-        let want = s.refs[c as usize] as u64;
-        if stored == want {
-            continue;
-        }
-        if stored < want {
-            s.report.corruptions += 1;
-            s.rc_corruptions += 1;
-            s.report.messages.push(format!(
-                "ERROR cluster {c} refcount={stored} reference={want}"
-            ));
-        } else {
-            s.report.leaks += 1;
-            s.report.messages.push(format!(
-                "Leaked cluster {c} refcount={stored} reference={want}"
-            ));
-        }
-        fix.push((c, want));
-    }
-    let highest = s
-        .refs
-        .iter()
-        .rposition(|&r| r > 0)
-        .map_or(0, |i| i as u64 + 1);
-    s.report.image_end_offset = Some(highest * cs);
-
-    // COPIED flags of the active tables.
-    let mut copied_fixes: Vec<(usize, Option<usize>)> = Vec::new();
-    if !rc_structure_broken {
-        for (i1, &e) in m.l1.clone().iter().enumerate() {
-            let l2 = e & entry::L1_OFFSET_MASK;
-            if l2 == 0 || !l2.is_multiple_of(cs) || l2 / cs >= nclusters {
-                continue;
-            }
-            let want_copied = s.refs[(l2 / cs) as usize] == 1;
-            if (e & entry::COPIED != 0) != want_copied {
-                s.corrupt(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i1} l1_entry={e:x} refcount={}",
-                    s.refs[(l2 / cs) as usize]
+        self.inc_or_report(
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs,
+        );
+        let file_clusters = self.file_len.div_ceil(cs);
+        for (i, &e) in m.rc_table.clone().iter().enumerate() {
+            if e & RT_RESERVED != 0 {
+                self.error(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
                 ));
-                copied_fixes.push((i1, None));
+                self.rebuild = true;
+                continue;
+            }
+            if e == 0 {
+                continue;
+            }
+            if !e.is_multiple_of(cs) {
+                self.error(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                self.rebuild = true;
+                continue;
+            }
+            if e / cs >= file_clusters {
+                self.error(format!("ERROR refcount block {i} is outside image"));
+                self.rebuild = true;
+                continue;
+            }
+            self.inc(e, cs);
+            let r = self.refs[(e / cs) as usize];
+            if r != 1 {
+                self.error(format!("ERROR refcount block {i} refcount={r}"));
+                self.rebuild = true;
             }
         }
     }
 
-    let Some(mode) = repair else {
-        return Ok(ScanResult { report: s.report });
-    };
-    drop(m);
-    repair_image(
-        q,
-        &mut s,
-        mode,
-        &fix,
-        &refs_without_rc,
-        rc_structure_broken,
-        &copied_fixes,
-    )?;
-    Ok(ScanResult { report: s.report })
-}
+    /// Walks one L1 table and its L2 tables; `active` collects statistics.
+    fn walk_l1(&mut self, m: &Meta, l1: &[u64], l1_off: u64, active: bool) {
+        let cs = self.cs;
+        let fix = self.fix_entries;
+        for (i, &orig) in l1.iter().enumerate() {
+            let mut e = orig;
+            if e & entry::L1_RESERVED != 0 {
+                if fix {
+                    e &= !entry::L1_RESERVED;
+                    self.repaired(format!(
+                        "Repairing L1 entry {i} with reserved bits set: {orig:x}"
+                    ));
+                } else {
+                    self.error(format!(
+                        "ERROR found L1 entry with reserved bits set: {orig:x}"
+                    ));
+                }
+            }
+            let l2 = e & entry::L1_OFFSET_MASK;
+            if l2 != 0 && (!l2.is_multiple_of(cs) || !self.in_file(l2, cs)) {
+                let why = if l2.is_multiple_of(cs) {
+                    format!("L2 table at {l2:#x} lies past the end of the file")
+                } else {
+                    format!("l2_offset={l2:x}: Table is not cluster aligned")
+                };
+                if fix {
+                    self.repaired(format!("Repairing {why}; L1 entry {i} cleared"));
+                    self.l1_fixes.push((l1_off, i, 0, active));
+                } else if l2.is_multiple_of(cs) {
+                    self.inc_or_report(l2, cs);
+                } else {
+                    // QEMU goes on reading a table at the unaligned offset;
+                    // imgloop does not trust what it would find there.
+                    self.error(format!("ERROR {why}; L1 entry corrupted"));
+                    self.inc_or_report(l2, cs);
+                }
+                continue;
+            }
+            if e != orig {
+                self.l1_fixes.push((l1_off, i, e, active));
+            }
+            if l2 == 0 {
+                continue;
+            }
+            self.inc(l2, cs);
+            let mut table = match self.read_l2(m, l2) {
+                Ok(t) => t,
+                Err(err) => {
+                    self.res.check_errors += 1;
+                    self.say(format!("ERROR reading the L2 table at {l2:#x}: {err}"));
+                    continue;
+                }
+            };
+            // Fragmentation counts breaks in host contiguity inside each
+            // L2 table, as qemu-img does.
+            self.next_contiguous = 0;
+            let mut changed = false;
+            for i2 in 0..self.q.l2_entries as usize {
+                changed |= self.check_l2_entry(&mut table, i2, active);
+            }
+            if changed {
+                self.l2_fixes.insert(l2, table);
+            }
+        }
+    }
 
-fn count_bitmaps(q: &Qcow2, s: &mut Scan, ext: &[u8]) {
-    if ext.len() < 24 {
-        s.corrupt("ERROR bitmaps extension is too short".into());
-        return;
+    /// Checks and counts one L2 entry; true when it was repaired in `table`.
+    fn check_l2_entry(&mut self, table: &mut [u8], i2: usize, active: bool) -> bool {
+        let q = self.q;
+        let cs = self.cs;
+        let fix = self.fix_entries;
+        let (orig, orig_bitmap) = q.l2_get(table, i2);
+        let (mut raw, mut bitmap) = (orig, orig_bitmap);
+        if raw & entry::COMPRESSED != 0 {
+            if q.ext_l2 && bitmap != 0 {
+                let msg = format!(
+                    "compressed cluster {i2} with non-zero subcluster allocation bitmap, entry={raw:#x}"
+                );
+                if fix {
+                    bitmap = 0;
+                    self.repaired(format!("Repairing {msg}"));
+                } else {
+                    self.error(format!("ERROR {msg}"));
+                }
+            }
+            let Ok(Cluster::Compressed { host, len }) =
+                entry::decode(raw & !entry::COPIED, 0, q.cluster_bits, q.ext_l2, q.v3)
+            else {
+                unreachable!("compressed descriptors always decode")
+            };
+            if raw & entry::COPIED != 0 {
+                let msg = format!(
+                    "coffset={host:#x}: copied flag must never be set for compressed clusters"
+                );
+                if fix {
+                    raw &= !entry::COPIED;
+                    self.repaired(format!("Repairing {msg}"));
+                } else {
+                    self.error(format!("ERROR: {msg}"));
+                }
+            }
+            if active {
+                self.allocated += 1;
+                self.compressed += 1;
+                self.fragmented += 1;
+            }
+            if !self.inc(host, len) {
+                if !fix {
+                    self.error(Self::eof_message(host, len));
+                } else if host < self.file_len {
+                    // Keep the stream, cut its size at the end of the file.
+                    let end = self.file_len.div_ceil(512) * 512;
+                    let cut = end - host;
+                    raw = entry::encode_compressed(host, cut, q.cluster_bits);
+                    self.inc(host, cut);
+                    self.repaired(format!(
+                        "Repairing compressed cluster at {host:#x}: size {len:#x} reaches past the end of the file, cut to {cut:#x}"
+                    ));
+                } else {
+                    (raw, bitmap) = self.zero_entry();
+                    self.repaired(format!(
+                        "Repairing compressed cluster at {host:#x} past the end of the file; the guest cluster now reads as zeroes"
+                    ));
+                }
+            }
+        } else {
+            let reserved = if q.v3 || q.ext_l2 {
+                entry::L2_RESERVED
+            } else {
+                entry::L2_RESERVED | entry::ZERO
+            };
+            if raw & reserved != 0 {
+                if fix {
+                    raw &= !reserved;
+                    self.repaired(format!(
+                        "Repairing L2 entry with reserved bits set: {orig:x}"
+                    ));
+                } else {
+                    self.error(format!(
+                        "ERROR found l2 entry with reserved bits set: {orig:x}"
+                    ));
+                }
+            }
+            let off = raw & entry::L2_OFFSET_MASK;
+            // Offset 0 is a real location in an external data file when
+            // COPIED is set.
+            let has_host = off != 0 || (q.external_data && raw & entry::COPIED != 0);
+            let zero_flag = !q.ext_l2 && raw & entry::ZERO != 0;
+            if q.ext_l2 {
+                if !has_host && bitmap & entry::ALL_ALLOC != 0 {
+                    let msg = format!(
+                        "unallocated cluster {i2} has allocated subclusters (bitmap {bitmap:#x})"
+                    );
+                    if fix {
+                        bitmap &= !entry::ALL_ALLOC;
+                        self.repaired(format!("Repairing {msg}"));
+                    } else {
+                        self.error(format!("ERROR {msg}"));
+                    }
+                }
+                let both = bitmap & (bitmap >> 32) & entry::ALL_ALLOC;
+                if both != 0 {
+                    let msg = format!(
+                        "cluster {i2} has subclusters marked both allocated and zero (bitmap {bitmap:#x})"
+                    );
+                    if fix {
+                        bitmap &= !(both << 32);
+                        self.repaired(format!("Repairing {msg}"));
+                    } else {
+                        self.error(format!("ERROR {msg}"));
+                    }
+                }
+            }
+            if has_host {
+                if active {
+                    self.allocated += 1;
+                    if self.next_contiguous != 0 && off != self.next_contiguous {
+                        self.fragmented += 1;
+                    }
+                    self.next_contiguous = off + cs;
+                }
+                let kind = if zero_flag { "Preallocated" } else { "Data" };
+                let data_in_file = !q.external_data;
+                if !off.is_multiple_of(cs) {
+                    let msg =
+                        format!("offset={off:x}: {kind} cluster is not properly aligned; L2 entry corrupted.");
+                    if fix {
+                        (raw, bitmap) = self.zero_entry();
+                        self.repaired(format!("Repairing {msg}"));
+                    } else {
+                        self.error(format!("ERROR {msg}"));
+                        if data_in_file {
+                            self.inc_or_report(off, cs);
+                        }
+                    }
+                } else if data_in_file && !self.inc(off, cs) {
+                    if fix {
+                        (raw, bitmap) = self.zero_entry();
+                        self.repaired(format!(
+                            "Repairing {kind} cluster at {off:#x} past the end of the file; the guest cluster now reads as zeroes"
+                        ));
+                    } else {
+                        self.error(Self::eof_message(off, cs));
+                    }
+                }
+            }
+        }
+        if (raw, bitmap) != (orig, orig_bitmap) {
+            q.l2_set(table, i2, raw, bitmap);
+            return true;
+        }
+        false
     }
-    let nb = u32::from_be_bytes(ext[0..4].try_into().expect("4")) as u64;
-    let dir_size = u64::from_be_bytes(ext[8..16].try_into().expect("8"));
-    let dir_off = u64::from_be_bytes(ext[16..24].try_into().expect("8"));
-    if dir_size > 64 << 20 || nb > 65535 {
-        s.corrupt("ERROR bitmap directory is too large".into());
-        return;
-    }
-    s.add(dir_off, dir_size, "bitmap directory");
-    let mut dir = vec![0u8; dir_size as usize];
-    if q.file.read_at(&mut dir, dir_off).is_err() {
-        s.report.check_errors += 1;
-        return;
-    }
-    let mut pos = 0usize;
-    for _ in 0..nb {
-        if pos + 24 > dir.len() {
-            s.corrupt("ERROR bitmap directory entry is truncated".into());
+
+    fn count_bitmaps(&mut self, ext: &[u8]) {
+        if ext.len() < 24 {
+            self.error("ERROR bitmaps extension is too short".into());
             return;
         }
-        let e = &dir[pos..];
-        let table_off = u64::from_be_bytes(e[0..8].try_into().expect("8"));
-        let table_size = u32::from_be_bytes(e[8..12].try_into().expect("4")) as u64;
-        let name_size = u16::from_be_bytes(e[14..16].try_into().expect("2")) as usize;
-        let extra = u32::from_be_bytes(e[16..20].try_into().expect("4")) as usize;
-        s.add(table_off, table_size * 8, "bitmap table");
-        if table_size <= (1 << 24) {
-            if let Ok(t) = read_u64_table(&*q.file, table_off, table_size, "bitmap table") {
-                for v in t {
-                    let off = v & entry::L2_OFFSET_MASK;
-                    if off > 1 {
-                        s.add(off, s.cs, "bitmap data");
+        let nb = u32::from_be_bytes(ext[0..4].try_into().expect("4")) as u64;
+        let dir_size = u64::from_be_bytes(ext[8..16].try_into().expect("8"));
+        let dir_off = u64::from_be_bytes(ext[16..24].try_into().expect("8"));
+        if dir_size > 64 << 20 || nb > 65535 {
+            self.error("ERROR bitmap directory is too large".into());
+            return;
+        }
+        self.inc_or_report(dir_off, dir_size);
+        let dir = match self.read_padded(dir_off, dir_size) {
+            Ok(d) => d,
+            Err(e) => {
+                self.res.check_errors += 1;
+                self.say(format!("ERROR reading the bitmap directory: {e}"));
+                return;
+            }
+        };
+        let bitmaps = match super::bitmap::parse_directory(&dir, nb as u32) {
+            Ok(b) => b,
+            Err(e) => {
+                self.error(format!("ERROR bitmap directory: {e}"));
+                return;
+            }
+        };
+        for b in bitmaps {
+            let table_size = b.table_size as u64;
+            self.inc_or_report(b.table_offset, table_size * 8);
+            if table_size <= (1 << 24) {
+                if let Ok(t) =
+                    read_u64_table(&*self.q.file, b.table_offset, table_size, "bitmap table")
+                {
+                    for v in t {
+                        let off = v & entry::L2_OFFSET_MASK;
+                        if off > 1 {
+                            self.inc_or_report(off, self.cs);
+                        }
                     }
                 }
             }
         }
-        pos += (24 + extra + name_size).div_ceil(8) * 8;
     }
-}
 
-fn repair_image(
-    q: &Qcow2,
-    s: &mut Scan,
-    mode: RepairMode,
-    fix: &[(u64, u64)],
-    refs_without_rc: &[u32],
-    rc_broken: bool,
-    copied_fixes: &[(usize, Option<usize>)],
-) -> Result<()> {
-    let mut m = q.lock();
-    let cs = s.cs;
-    if mode == RepairMode::All {
-        // Invalid L2 entries become unallocated.
-        for &(table, idx) in &s.bad_entries {
-            q.load_l2(&mut m, table)?;
-            let t = m.l2.get_mut(table).expect("loaded");
-            q.l2_set(t, idx, 0, 0);
-            s.report.corruptions_fixed += 1;
-            s.report.corruptions = s.report.corruptions.saturating_sub(1);
+    /// The stored refcount of cluster `c`: 0 where no block covers it (or
+    /// the block lies past the end of the file, which reads as zeroes).
+    fn stored(&mut self, m: &Meta, c: u64) -> std::result::Result<u64, String> {
+        let per = self.q.rc_per_block(m);
+        let bits = m.header.refcount_bits();
+        let b = c / per;
+        let Some(&e) = m.rc_table.get(b as usize) else {
+            return Ok(0);
+        };
+        let off = e & !RT_RESERVED;
+        if off == 0 {
+            return Ok(0);
         }
-        q.flush_meta(&mut m)?;
+        if !off.is_multiple_of(self.cs) {
+            return Err(format!(
+                "refcount block {b} at {off:#x} is not cluster aligned"
+            ));
+        }
+        if let Some(block) = m.rc.peek(off) {
+            return Ok(Qcow2::rc_entry(block, c % per, bits));
+        }
+        if !self.blocks.contains_key(&off) {
+            let block = self
+                .read_padded(off, self.cs)
+                .map_err(|e| format!("reading refcount block {b}: {e}"))?;
+            self.blocks.insert(off, block);
+        }
+        Ok(Qcow2::rc_entry(&self.blocks[&off], c % per, bits))
     }
-    if mode == RepairMode::All && (s.rc_corruptions > 0 || rc_broken || !s.bad_entries.is_empty()) {
-        // Rebuild: recount without the dropped entries' clusters is not
-        // needed: freed references become leaks the rebuild drops anyway.
-        rebuild_refcounts(q, &mut m, refs_without_rc)?;
-        s.report.corruptions_fixed += s.rc_corruptions;
-        s.report.leaks_fixed += s.report.leaks;
-        s.report.corruptions = s.report.corruptions.saturating_sub(s.rc_corruptions);
-        s.report.leaks = 0;
-    } else {
-        for &(c, want) in fix {
-            let stored = q.refcount(&mut m, c)?;
-            if stored > want {
-                q.set_refcount(&mut m, c, want)?;
-                s.report.leaks_fixed += 1;
-                s.report.leaks -= 1;
-            } else if mode == RepairMode::All {
-                q.set_refcount(&mut m, c, want)?;
-                s.report.corruptions_fixed += 1;
-                s.report.corruptions -= 1;
+
+    /// Step 2: stored against counted refcounts. Sets `rebuild` when a
+    /// referenced cluster has refcount 0.
+    fn compare(&mut self, m: &Meta) -> Vec<Mismatch> {
+        let mut out = Vec::new();
+        for c in 0..self.refs.len() as u64 {
+            let stored = match self.stored(m, c) {
+                Ok(r) => r,
+                Err(why) => {
+                    self.res.check_errors += 1;
+                    self.say(format!("Can't get refcount for cluster {c}: {why}"));
+                    continue;
+                }
+            };
+            let want = self.refs[c as usize] as u64;
+            if stored > 0 || want > 0 {
+                self.highest = c;
+            }
+            if stored != want {
+                if stored == 0 {
+                    self.rebuild = true;
+                }
+                out.push((c, stored, want));
             }
         }
-        q.flush_refcounts(&mut m)?;
+        out
     }
-    if mode == RepairMode::All {
-        for &(i1, _) in copied_fixes {
+
+    fn mismatch_message(&(c, stored, want): &Mismatch) -> String {
+        let kind = if stored < want { "ERROR" } else { "Leaked" };
+        format!("{kind} cluster {c} refcount={stored} reference={want}")
+    }
+
+    /// Reports differences without repairing them.
+    fn report(&mut self, mismatches: &[Mismatch]) {
+        for mm in mismatches {
+            if mm.1 < mm.2 {
+                self.res.corruptions += 1;
+            } else {
+                self.res.leaks += 1;
+            }
+            self.say(Self::mismatch_message(mm));
+        }
+    }
+
+    /// Step 3 without a rebuild: leaks (and with `-r all`, too-low refcounts)
+    /// are set to the counted value.
+    fn fix_refcounts(
+        &mut self,
+        m: &mut Meta,
+        mismatches: &[Mismatch],
+        mode: RepairMode,
+    ) -> Result<()> {
+        for mm in mismatches {
+            let &(c, stored, want) = mm;
+            self.say(Self::mismatch_message(mm));
+            let leak = stored > want;
+            if !leak && mode != RepairMode::All {
+                self.res.corruptions += 1;
+                continue;
+            }
+            self.q.set_refcount(m, c, want)?;
+            self.blocks.clear();
+            self.say(format!(
+                "Repairing cluster {c} refcount={stored} reference={want}"
+            ));
+            if leak {
+                self.res.leaks_fixed += 1;
+            } else {
+                self.res.corruptions_fixed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 3 with a rebuild: a new refcount structure from the counts, then
+    /// the entry repairs, a recount, and the old structure freed.
+    fn rebuild_and_recount(&mut self, m: &mut Meta, mismatches: &[Mismatch]) -> Result<()> {
+        self.report(mismatches);
+        let (old_corruptions, old_leaks) = (self.res.corruptions, self.res.leaks);
+        self.say("Rebuilding refcount structure".into());
+        self.write_new_refcounts(m)?;
+        self.apply_entry_fixes(m)?;
+
+        // Recount on the repaired image.
+        self.file_len = self
+            .q
+            .file
+            .len()
+            .map_err(|e| Error::io("reading image size", e))?;
+        self.refs = vec![0; self.file_len.div_ceil(self.cs) as usize];
+        self.res.corruptions = 0;
+        self.res.leaks = 0;
+        self.rebuild = false;
+        self.fix_entries = false;
+        (self.allocated, self.fragmented, self.compressed) = (0, 0, 0);
+        self.count(m);
+        let mismatches = self.compare(m);
+        if self.rebuild {
+            self.say("ERROR rebuilt refcount structure is still broken".into());
+        }
+        for mm in &mismatches {
+            let &(c, stored, want) = mm;
+            if stored > want {
+                // The old structure, and anything counted twice.
+                self.q.set_refcount(m, c, want)?;
+                self.blocks.clear();
+                self.say(format!(
+                    "Repairing cluster {c} refcount={stored} reference={want}"
+                ));
+            } else {
+                self.say(Self::mismatch_message(mm));
+            }
+        }
+        self.res.corruptions_fixed += old_corruptions.saturating_sub(self.res.corruptions);
+        self.res.leaks_fixed += old_leaks.saturating_sub(self.res.leaks);
+        Ok(())
+    }
+
+    /// Writes the L1 and L2 entry repairs found while walking.
+    fn apply_entry_fixes(&mut self, m: &mut Meta) -> Result<()> {
+        let q = self.q;
+        let io = |what: &'static str| move |e| Error::io(what, e);
+        for (off, table) in std::mem::take(&mut self.l2_fixes) {
+            q.file
+                .write_at(&table, off)
+                .map_err(io("writing a repaired L2 table"))?;
+            if m.l2.remove(off).is_some() {
+                m.l2.insert(off, table, false);
+            }
+        }
+        for (l1_off, i, v, active) in std::mem::take(&mut self.l1_fixes) {
+            q.file
+                .write_at(&v.to_be_bytes(), l1_off + i as u64 * 8)
+                .map_err(io("writing a repaired L1 entry"))?;
+            if active {
+                m.l1[i] = v;
+            }
+        }
+        q.sync_file()
+    }
+
+    /// Builds a refcount structure for the counted references: blocks first,
+    /// then the table, each in the first free clusters; switches the header
+    /// to it. The old structure stays counted until the recount frees it.
+    fn write_new_refcounts(&mut self, m: &mut Meta) -> Result<()> {
+        let q = self.q;
+        let cs = self.cs;
+        let bits = m.header.refcount_bits();
+        let max = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        let per = q.rc_per_block(m) as usize;
+        let refs = &mut self.refs;
+        let mut first_free = 0usize;
+        let mut blocks: Vec<u64> = Vec::new();
+        let mut table: Option<(usize, usize)> = None;
+        loop {
+            let mut added = false;
+            let mut b = 0;
+            while b * per < refs.len() {
+                if blocks.len() <= b {
+                    blocks.resize(b + 1, 0);
+                }
+                let end = ((b + 1) * per).min(refs.len());
+                if blocks[b] == 0 && refs[b * per..end].iter().any(|&r| r != 0) {
+                    blocks[b] = alloc_run(refs, &mut first_free, 1) as u64;
+                    added = true;
+                }
+                b += 1;
+            }
+            let need = (blocks.len() * 8).div_ceil(cs as usize);
+            match table {
+                Some((_, n)) if n >= need => {
+                    if !added {
+                        break;
+                    }
+                }
+                _ => {
+                    if let Some((s, n)) = table {
+                        refs[s..s + n].fill(0);
+                        first_free = first_free.min(s);
+                    }
+                    table = Some((alloc_run(refs, &mut first_free, need), need));
+                }
+            }
+        }
+        let (table_start, table_clusters) = table.expect("allocated above");
+        if let Some(c) = refs.iter().position(|&r| r as u64 > max) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "cannot rebuild the refcount structure: cluster {c} has {} references, more than {bits}-bit refcounts hold",
+                    refs[c]
+                ),
+            ));
+        }
+        let io = |what: &'static str| move |e| Error::io(what, e);
+        let mut entries = vec![0u64; table_clusters * cs as usize / 8];
+        for (b, &c) in blocks.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let mut block = vec![0u8; cs as usize];
+            let end = ((b + 1) * per).min(refs.len());
+            for (i, &r) in refs[b * per..end].iter().enumerate() {
+                if r != 0 {
+                    Qcow2::set_rc_entry(&mut block, i as u64, bits, r as u64);
+                }
+            }
+            q.file
+                .write_at(&block, c * cs)
+                .map_err(io("writing a refcount block"))?;
+            entries[b] = c * cs;
+        }
+        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let table_off = table_start as u64 * cs;
+        q.file
+            .write_at(&bytes, table_off)
+            .map_err(io("writing the refcount table"))?;
+        q.sync_file()?;
+        m.header.refcount_table_offset = table_off;
+        m.header.refcount_table_clusters = table_clusters as u32;
+        q.write_header(m)?;
+        q.sync_file()?;
+        m.rc_table = entries;
+        m.rc.clear();
+        m.free_hint = 0;
+        m.pending_free.clear();
+        self.blocks.clear();
+        Ok(())
+    }
+
+    /// Step 4: COPIED must be set exactly on active L1 and L2 entries whose
+    /// cluster has refcount 1.
+    fn check_copied(&mut self, m: &mut Meta) -> Result<()> {
+        let q = self.q;
+        let cs = self.cs;
+        let fix = self.repair == Some(RepairMode::All);
+        let data_in_file = !q.external_data;
+        let l1_off = m.header.l1_table_offset;
+        for i1 in 0..m.l1.len() {
             let e = m.l1[i1];
             let l2 = e & entry::L1_OFFSET_MASK;
-            let rc = q.refcount(&mut m, l2 / cs)?;
-            m.l1[i1] = if rc == 1 {
-                e | entry::COPIED
-            } else {
-                e & !entry::COPIED
+            if l2 == 0 || !l2.is_multiple_of(cs) {
+                continue;
+            }
+            // An unreadable refcount was counted as a check error already.
+            let Ok(r) = self.stored(m, l2 / cs) else {
+                continue;
             };
-            m.l1_dirty.insert(i1);
-            s.report.corruptions_fixed += 1;
-            s.report.corruptions = s.report.corruptions.saturating_sub(1);
-        }
-        fix_data_copied_flags(q, &mut m)?;
-    }
-    if m.header.incompatible_features & header::incompat::CORRUPT != 0 && s.report.corruptions == 0
-    {
-        m.header.incompatible_features &= !header::incompat::CORRUPT;
-        m.corrupt = false;
-        q.write_header(&m)?;
-    }
-    q.flush_meta(&mut m)?;
-    q.sync_file()
-}
-
-/// Sets COPIED on data clusters with refcount 1 and clears it elsewhere.
-fn fix_data_copied_flags(q: &Qcow2, m: &mut Meta) -> Result<()> {
-    let cs = q.cluster_size;
-    if !Arc::ptr_eq(&q.file, &q.data) {
-        return Ok(());
-    }
-    for i1 in 0..m.l1.len() {
-        let l2 = m.l1[i1] & entry::L1_OFFSET_MASK;
-        if l2 == 0 {
-            continue;
-        }
-        q.load_l2(m, l2)?;
-        for i2 in 0..q.l2_entries as usize {
-            let (e, b) = q.l2_get(m.l2.get(l2).expect("loaded"), i2);
-            let host = match entry::decode(e, b, q.cluster_bits, q.ext_l2, q.v3) {
-                Ok(c) => match c.host_cluster() {
-                    Some(h) => h,
-                    None => continue,
-                },
-                Err(_) => continue,
+            if (r == 1) != (e & entry::COPIED != 0) {
+                let msg =
+                    format!("OFLAG_COPIED L2 cluster: l1_index={i1} l1_entry={e:x} refcount={r}");
+                if fix {
+                    let v = e ^ entry::COPIED;
+                    q.file
+                        .write_at(&v.to_be_bytes(), l1_off + i1 as u64 * 8)
+                        .map_err(|e| Error::io("writing the L1 table", e))?;
+                    m.l1[i1] = v;
+                    self.repaired(format!("Repairing {msg}"));
+                } else {
+                    self.error(format!("ERROR {msg}"));
+                }
+            }
+            if !data_in_file || !self.in_file(l2, cs) {
+                continue;
+            }
+            let mut table = match self.read_l2(m, l2) {
+                Ok(t) => t,
+                Err(err) => {
+                    self.res.check_errors += 1;
+                    self.say(format!("ERROR reading the L2 table at {l2:#x}: {err}"));
+                    continue;
+                }
             };
-            let rc = q.refcount(m, host / cs)?;
-            let want = if rc == 1 {
-                e | entry::COPIED
-            } else {
-                e & !entry::COPIED
-            };
-            if want != e {
-                q.load_l2(m, l2)?;
-                let t = m.l2.get_mut(l2).expect("loaded");
-                q.l2_set(t, i2, want, b);
+            let mut changed = false;
+            for i2 in 0..q.l2_entries as usize {
+                let (raw, bitmap) = q.l2_get(&table, i2);
+                let off = raw & entry::L2_OFFSET_MASK;
+                if raw & entry::COMPRESSED != 0 || off == 0 {
+                    continue;
+                }
+                let Ok(r) = self.stored(m, off / cs) else {
+                    continue;
+                };
+                if (r == 1) != (raw & entry::COPIED != 0) {
+                    let msg = format!("OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={r}");
+                    if fix {
+                        q.l2_set(&mut table, i2, raw ^ entry::COPIED, bitmap);
+                        changed = true;
+                        self.repaired(format!("Repairing {msg}"));
+                    } else {
+                        self.error(format!("ERROR {msg}"));
+                    }
+                }
+            }
+            if changed {
+                self.l2_fixes.insert(l2, table);
             }
         }
+        if !self.l2_fixes.is_empty() {
+            self.apply_entry_fixes(m)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
-/// Writes a new refcount structure after the end of the file holding the
-/// counted references, and switches the header to it.
-fn rebuild_refcounts(q: &Qcow2, m: &mut Meta, refs: &[u32]) -> Result<()> {
-    let cs = q.cluster_size;
-    let bits = m.header.refcount_bits();
-    let max = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
-    if refs.iter().any(|&r| r as u64 > max) {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            "cannot rebuild refcounts: a reference count overflows the refcount width",
-        ));
-    }
-    let per = q.rc_per_block(m);
-    let start = refs.len() as u64;
-    let (mut blocks, mut table) = (1u64, 1u64);
+/// First-fit allocation of `n` free clusters in the counts (growing them at
+/// the end); marks them used and returns the first. `first_free` is a lower
+/// bound of the first free cluster.
+fn alloc_run(refs: &mut Vec<u32>, first_free: &mut usize, n: usize) -> usize {
+    let mut start = *first_free;
+    let mut i = start;
     loop {
-        let total = start + blocks + table;
-        let nb = total.div_ceil(per);
-        let nt = (nb * 8).div_ceil(cs);
-        if nb == blocks && nt == table {
+        if i >= refs.len() {
+            refs.resize(i + 1, 0);
+        }
+        if refs[i] != 0 {
+            start = i + 1;
+        } else if i + 1 - start == n {
             break;
         }
-        blocks = nb;
-        table = nt;
+        i += 1;
     }
-    if table * cs > header::MAX_REFTABLE_BYTES {
-        return Err(Error::new(
-            ErrorKind::NoSpace,
-            "rebuilt refcount table would exceed 8 MiB",
-        ));
+    refs[start..start + n].fill(1);
+    if start == *first_free {
+        *first_free = start + n;
     }
-    let total = start + blocks + table;
-    let mut all = vec![0u8; (blocks * cs) as usize];
-    for c in 0..total {
-        let r = if c < start {
-            refs[c as usize] as u64
-        } else {
-            1
-        };
-        if r > 0 {
-            Qcow2::set_rc_entry(&mut all, c, bits, r);
-        }
+    start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_fit_takes_the_first_hole_that_is_large_enough() {
+        let mut refs = vec![1, 0, 1, 0, 0, 1];
+        let mut ff = 0;
+        assert_eq!(alloc_run(&mut refs, &mut ff, 2), 3);
+        assert_eq!(refs, vec![1, 0, 1, 1, 1, 1]);
+        assert_eq!(alloc_run(&mut refs, &mut ff, 1), 1);
+        assert_eq!(alloc_run(&mut refs, &mut ff, 2), 6);
+        assert_eq!(refs.len(), 8);
     }
-    let blocks_off = start * cs;
-    let table_off = blocks_off + blocks * cs;
-    let mut t = vec![0u64; (table * cs / 8) as usize];
-    for b in 0..blocks {
-        t[b as usize] = blocks_off + b * cs;
-    }
-    let tbytes: Vec<u8> = t.iter().flat_map(|e| e.to_be_bytes()).collect();
-    let io = |what: &'static str| move |e| Error::io(what, e);
-    q.file
-        .write_at(&all, blocks_off)
-        .map_err(io("writing refcount blocks"))?;
-    q.file
-        .write_at(&tbytes, table_off)
-        .map_err(io("writing the refcount table"))?;
-    q.sync_file()?;
-    m.header.refcount_table_offset = table_off;
-    m.header.refcount_table_clusters = table as u32;
-    q.write_header(m)?;
-    q.sync_file()?;
-    m.rc_table = t;
-    m.rc.clear();
-    m.free_hint = 0;
-    m.pending_free.clear();
-    Ok(())
 }

@@ -56,10 +56,11 @@ pub fn decompress(
     Ok(out)
 }
 
-/// Compresses one cluster; `None` when the result would not save at least
-/// one 512-byte sector.
+/// Compresses one cluster; `None` unless the result is smaller than the
+/// cluster (as QEMU decides: compressed streams are packed byte by byte,
+/// so any saving counts, and 512-byte clusters can be compressed too).
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
-    let limit = input.len().saturating_sub(512);
+    let limit = input.len().saturating_sub(1);
     let out = match kind {
         CompressionType::Zlib => {
             let mut c =
@@ -180,6 +181,16 @@ mod tests {
             assert!(packed.len() < 65536 - 512);
             packed.extend_from_slice(&[0xee; 300]);
             assert_eq!(decompress(kind, &packed, 65536).unwrap(), data);
+        }
+    }
+
+    #[test]
+    fn a_512_byte_cluster_is_compressed_when_it_shrinks() {
+        let data: Vec<u8> = (0..512u32).map(|i| (i / 64) as u8).collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let packed = compress(kind, &data).expect("compressible");
+            assert!(packed.len() < 512);
+            assert_eq!(decompress(kind, &packed, 512).unwrap(), data);
         }
     }
 

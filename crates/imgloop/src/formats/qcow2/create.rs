@@ -72,9 +72,14 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
             )))
         }
     };
-    let prealloc: Preallocation = opts.get("preallocation")?.unwrap_or_default();
+    let mut prealloc: Preallocation = opts.get("preallocation")?.unwrap_or_default();
     let data_file = opts.options.get("data_file").cloned();
     let data_file_raw = parse_bool(opts, "data_file_raw")?;
+    if data_file_raw && prealloc == Preallocation::Off {
+        // Every guest cluster must map to its place in the raw data file,
+        // or data put there by other tools would not show through.
+        prealloc = Preallocation::Metadata;
+    }
     if opts.options.contains_key("encrypt.format") {
         return Err(Error::unsupported(
             "encrypted qcow2 images are not supported",
@@ -270,9 +275,8 @@ pub(super) fn create(
                 e,
             )
         })?;
-        if p.data_file_raw {
-            ds.set_len(opts.size).map_err(io("sizing the data file"))?;
-        }
+        // Sized (sparsely) to the disk, as QEMU does.
+        ds.set_len(opts.size).map_err(io("sizing the data file"))?;
     }
     if p.prealloc != Preallocation::Off {
         preallocate(storage, path, opts.size, p.prealloc)?;
@@ -298,6 +302,9 @@ fn preallocate(
     let mut g = 0;
     while g < size {
         let mut m = q.lock();
+        // The L2 table first, so tables sit before the data they map and
+        // the data clusters are contiguous.
+        q.l2_for_write(&mut m, g)?;
         let host = if Arc::ptr_eq(&q.file, &q.data) {
             q.alloc_clusters(&mut m, 1)?
         } else {

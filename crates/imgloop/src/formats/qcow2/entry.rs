@@ -99,13 +99,29 @@ pub fn compressed_offset_bits(cluster_bits: u32) -> u32 {
     62 - (cluster_bits - 8)
 }
 
-/// Decodes an L2 entry (and, with extended L2, its bitmap).
+/// Decodes an L2 entry (and, with extended L2, its bitmap) of an image
+/// without an external data file.
 pub fn decode(
     entry: u64,
     bitmap: u64,
     cluster_bits: u32,
     ext_l2: bool,
     v3: bool,
+) -> Result<Cluster, EntryError> {
+    decode_in(entry, bitmap, cluster_bits, ext_l2, v3, false)
+}
+
+/// Decodes an L2 entry. With an external data file (`data_file`), host
+/// offset 0 with the COPIED bit set is guest cluster 0 stored at offset 0
+/// of the data file ("the offset may only be 0 with bit 63 set when an
+/// external data file is used"); otherwise offset 0 means unallocated.
+pub fn decode_in(
+    entry: u64,
+    bitmap: u64,
+    cluster_bits: u32,
+    ext_l2: bool,
+    v3: bool,
+    data_file: bool,
 ) -> Result<Cluster, EntryError> {
     let cs = 1u64 << cluster_bits;
     if entry & COMPRESSED != 0 {
@@ -128,12 +144,14 @@ pub fn decode(
     if !host.is_multiple_of(cs) {
         return Err(EntryError::Unaligned);
     }
+    // Host offset 0 of an external data file is a real location.
+    let at_zero = host == 0 && !(data_file && copied);
     if ext_l2 {
         // The per-subcluster bitmap decides; the entry's zero bit is unused.
         if bitmap & (bitmap >> 32) & ALL_ALLOC != 0 {
             return Err(EntryError::Bitmap);
         }
-        if host == 0 {
+        if at_zero {
             if bitmap & ALL_ALLOC != 0 {
                 return Err(EntryError::Bitmap);
             }
@@ -150,11 +168,11 @@ pub fn decode(
             return Err(EntryError::ZeroInV2);
         }
         return Ok(Cluster::Zero {
-            host: (host != 0).then_some(host),
+            host: (!at_zero).then_some(host),
             copied,
         });
     }
-    if host == 0 {
+    if at_zero {
         return Ok(Cluster::Unallocated);
     }
     Ok(Cluster::Normal { host, copied })
@@ -233,6 +251,41 @@ mod tests {
         assert_eq!(
             decode(0x30002, 0, 16, false, true),
             Err(EntryError::Reserved)
+        );
+    }
+
+    #[test]
+    fn host_offset_0_is_allocated_only_in_an_external_data_file_with_copied_set() {
+        for ext in [false, true] {
+            let bm = if ext { ALL_ALLOC } else { 0 };
+            assert_eq!(
+                decode_in(COPIED, bm, 16, ext, true, true),
+                Ok(Cluster::Normal {
+                    host: 0,
+                    copied: true
+                }),
+                "ext {ext}"
+            );
+            // Without COPIED (or without a data file) it stays unallocated.
+            assert_eq!(
+                decode_in(0, 0, 16, ext, true, true),
+                Ok(Cluster::Unallocated)
+            );
+            assert_eq!(
+                decode_in(COPIED, 0, 16, ext, true, false),
+                Ok(Cluster::Unallocated)
+            );
+        }
+        assert_eq!(
+            decode_in(COPIED | ZERO, 0, 16, false, true, true),
+            Ok(Cluster::Zero {
+                host: Some(0),
+                copied: true
+            })
+        );
+        assert_eq!(
+            decode_in(COPIED, 1, 16, true, true, false),
+            Err(EntryError::Bitmap)
         );
     }
 

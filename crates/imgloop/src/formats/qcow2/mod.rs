@@ -18,6 +18,7 @@
 //! leaves at worst leaked clusters.
 
 mod alloc;
+pub mod bitmap;
 pub mod cache;
 mod check;
 mod compress;
@@ -26,6 +27,8 @@ pub mod entry;
 pub mod header;
 mod snapshot;
 mod write;
+
+pub use check::OPEN_FOR_CHECK;
 
 use crate::driver::{
     BackingRef, BlockStatus, CheckReport, CreateOptions, Driver, DriverInfo, DriverOpenOptions,
@@ -39,7 +42,7 @@ use header::{CompressionType, Header};
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
 /// qcow2-specific failures, converted into [`Error`] with context.
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +239,8 @@ pub struct Qcow2 {
     pub(crate) file: Arc<dyn Storage>,
     pub(crate) data: Arc<dyn Storage>,
     pub(crate) data_file_name: Option<String>,
+    /// Guest data lives in an external data file (`data` is not `file`).
+    pub(crate) external_data: bool,
     pub(crate) cluster_bits: u32,
     pub(crate) cluster_size: u64,
     pub(crate) l2_entries: u64,
@@ -252,6 +257,10 @@ pub struct Qcow2 {
     pub(crate) io_gate: RwLock<()>,
     /// The last decompressed cluster: (host offset, data).
     pub(crate) decompressed: Mutex<Option<(u64, Box<[u8]>)>>,
+    /// The image looks preallocated with `preallocation=metadata` (decided
+    /// once, on the first block status query; see
+    /// [`Qcow2::metadata_preallocated`]).
+    pub(crate) metadata_prealloc: OnceLock<bool>,
 }
 
 /// Default L2 cache: 32 MiB, enough for 256 GiB of a 64 KiB-cluster image.
@@ -275,7 +284,9 @@ impl Qcow2 {
     ) -> Result<Qcow2> {
         let header = Header::read(&*storage)?;
         let read_only = opts.read_only;
-        if header.incompatible_features & header::incompat::CORRUPT != 0 && !read_only {
+        let for_check = opts.options.contains_key(OPEN_FOR_CHECK);
+        if header.incompatible_features & header::incompat::CORRUPT != 0 && !read_only && !for_check
+        {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 "the image is marked corrupt; open it read-only, or repair it with 'imgloop check -r all'",
@@ -291,7 +302,7 @@ impl Qcow2 {
             header.l1_size as u64,
             "L1 table",
         )?;
-        for (i, &e) in l1.iter().enumerate() {
+        for (i, &e) in l1.iter().enumerate().filter(|_| !for_check) {
             if e & entry::L1_RESERVED != 0 || !(e & entry::L1_OFFSET_MASK).is_multiple_of(cs) {
                 return Err(QcowError::Entry {
                     table: "L1 table",
@@ -309,7 +320,7 @@ impl Qcow2 {
             rc_entries,
             "refcount table",
         )?;
-        for (i, &e) in rc_table.iter().enumerate() {
+        for (i, &e) in rc_table.iter().enumerate().filter(|_| !for_check) {
             if e % cs != 0 {
                 return Err(QcowError::Entry {
                     table: "refcount table",
@@ -356,6 +367,7 @@ impl Qcow2 {
             file: storage,
             data,
             data_file_name,
+            external_data: h.has_data_file(),
             cluster_bits: h.cluster_bits,
             cluster_size: cs,
             l2_entries: h.l2_entries(),
@@ -369,8 +381,9 @@ impl Qcow2 {
             inflight_cv: Condvar::new(),
             io_gate: RwLock::new(()),
             decompressed: Mutex::new(None),
+            metadata_prealloc: OnceLock::new(),
         };
-        if !read_only {
+        if !read_only && !for_check {
             q.prepare_for_writing()?;
         }
         Ok(q)
@@ -507,15 +520,22 @@ impl Qcow2 {
         self.load_l2(m, l2)?;
         let table = m.l2.get(l2).expect("just loaded");
         let (e, bitmap) = self.l2_get(table, i2);
-        let c =
-            entry::decode(e, bitmap, self.cluster_bits, self.ext_l2, self.v3).map_err(|why| {
-                Error::from(QcowError::Entry {
-                    table: "L2 table",
-                    index: i2 as u64,
-                    offset: l2,
-                    why: why.describe(),
-                })
-            })?;
+        let c = entry::decode_in(
+            e,
+            bitmap,
+            self.cluster_bits,
+            self.ext_l2,
+            self.v3,
+            self.external_data,
+        )
+        .map_err(|why| {
+            Error::from(QcowError::Entry {
+                table: "L2 table",
+                index: i2 as u64,
+                offset: l2,
+                why: why.describe(),
+            })
+        })?;
         Ok((c, bitmap))
     }
 
@@ -559,7 +579,9 @@ impl Qcow2 {
                         Some(host_off),
                     ),
                     Sub::Zero => (Mapping::Zero, Some(host_off)),
-                    Sub::Unallocated => (Mapping::Unallocated, None),
+                    // Unallocated, but the host cluster exists: block
+                    // status names its offset, as QEMU's does.
+                    Sub::Unallocated => (Mapping::Unallocated, Some(host_off)),
                 }
             }
         };
@@ -652,6 +674,49 @@ impl Qcow2 {
                 "{what}; the image is now marked corrupt, repair it with 'imgloop check -r all'"
             ),
         )
+    }
+
+    /// Whether the image looks like `preallocation=metadata` made it: more
+    /// clusters are in use by refcount than the file has allocated on the
+    /// host (by a margin of 1/9, and at least 2 clusters). Decided once per
+    /// open, as QEMU does; then block status looks for holes inside data
+    /// clusters and reports them as zero.
+    pub(crate) fn metadata_preallocated(&self, m: &mut Meta) -> Result<bool> {
+        if let Some(&v) = self.metadata_prealloc.get() {
+            return Ok(v);
+        }
+        let cs = self.cluster_size;
+        let io = |e| Error::io("reading image size", e);
+        let file_len = self.file.len().map_err(io)?;
+        let v = match self.file.allocated_size().map_err(io)? {
+            None => false,
+            Some(real) => {
+                let real_clusters = real / cs;
+                let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+                let mut in_use = 0;
+                let mut c = 0;
+                while c < file_len.div_ceil(cs) && in_use < threshold {
+                    if self.refcount(m, c)? != 0 {
+                        in_use += 1;
+                    }
+                    c += 1;
+                }
+                in_use >= threshold
+            }
+        };
+        let _ = self.metadata_prealloc.set(v);
+        Ok(v)
+    }
+
+    /// The bitmaps of the bitmaps extension, when it is there and marked
+    /// consistent (autoclear bit 0); `None` otherwise or when the
+    /// directory cannot be read.
+    fn consistent_bitmaps(&self, h: &Header) -> Option<Vec<bitmap::Bitmap>> {
+        if h.autoclear_features & header::autoclear::BITMAPS == 0 {
+            return None;
+        }
+        let ext = h.extension(header::ext::BITMAPS)?;
+        bitmap::read_directory(&*self.file, ext).ok()
     }
 
     fn check_image(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
@@ -761,6 +826,20 @@ impl Driver for Qcow2 {
             }
             s.len += n;
         }
+        if s.data && !s.compressed && self.metadata_preallocated(&mut m)? {
+            // Preallocated data clusters that were never written are holes
+            // in the data file: they read as zeroes, and say so.
+            if let Some(host) = s.offset {
+                let (is_data, n) = self
+                    .data
+                    .extent(host, s.len)
+                    .map_err(|e| Error::io("querying allocation of the data file", e))?;
+                if !is_data {
+                    s.zero = true;
+                }
+                s.len = n.clamp(1, s.len);
+            }
+        }
         Ok(s)
     }
 
@@ -812,6 +891,35 @@ impl Driver for Qcow2 {
         } else {
             data.insert("compression-type".into(), h.compression_type.name().into());
             lines.push(("compression type".into(), h.compression_type.name().into()));
+        }
+        if let Some(list) = self.consistent_bitmaps(h) {
+            let mut human = Vec::new();
+            let json: Vec<serde_json::Value> = list
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.flags & bitmap::FLAG_IN_USE != 0 {
+                        flags.push("in-use");
+                    }
+                    if b.flags & bitmap::FLAG_AUTO != 0 {
+                        flags.push("auto");
+                    }
+                    let granularity = 1u64 << b.granularity_bits.min(63);
+                    human.push(format!(
+                        "{} (granularity {granularity}{}{})",
+                        b.name,
+                        if flags.is_empty() { "" } else { ", " },
+                        flags.join(", ")
+                    ));
+                    serde_json::json!({
+                        "flags": flags,
+                        "name": b.name,
+                        "granularity": granularity,
+                    })
+                })
+                .collect();
+            data.insert("bitmaps".into(), json.into());
+            lines.push(("bitmaps".into(), human.join("; ")));
         }
         data.insert("refcount-bits".into(), h.refcount_bits().into());
         lines.push(("refcount bits".into(), h.refcount_bits().to_string()));
@@ -904,6 +1012,7 @@ fn status_of(mapping: Mapping, len: u64, host: Option<u64>) -> BlockStatus {
         },
         Mapping::Unallocated => BlockStatus {
             len,
+            offset: host,
             ..Default::default()
         },
         Mapping::Special => BlockStatus {
@@ -913,5 +1022,77 @@ fn status_of(mapping: Mapping, len: u64, host: Option<u64>) -> BlockStatus {
             compressed: true,
             ..Default::default()
         },
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// A new image of `size` bytes with `-o` options `kv`, created and
+    /// opened read-write in memory.
+    pub(crate) fn mem_image(size: u64, kv: &[(&str, &str)]) -> (MemStorage, Qcow2) {
+        let mem = MemStorage::new();
+        let mut opts = CreateOptions {
+            size,
+            ..Default::default()
+        };
+        for (k, v) in kv {
+            opts.options.insert(k.to_string(), v.to_string());
+        }
+        create::create(Arc::new(mem.clone()), None, &opts).unwrap();
+        let q = reopen(&mem);
+        (mem, q)
+    }
+
+    /// Opens the image in `mem` read-write.
+    pub(crate) fn reopen(mem: &MemStorage) -> Qcow2 {
+        Qcow2::open(Arc::new(mem.clone()), &DriverOpenOptions::default(), None).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::mem_image;
+    use super::*;
+
+    #[test]
+    fn unwritten_parts_of_metadata_preallocated_clusters_are_data_reading_as_zero() {
+        let (_mem, q) = mem_image(1 << 20, &[("preallocation", "metadata")]);
+        q.write(&IoCtx::none(), &[1; 4096], 0).unwrap();
+        let s = q.block_status(0, 1 << 20).unwrap();
+        assert_eq!((s.data, s.zero, s.len), (true, false, 4096));
+        let s = q.block_status(4096, (1 << 20) - 4096).unwrap();
+        assert_eq!((s.data, s.zero, s.len), (true, true, (1 << 20) - 4096));
+        assert_eq!(s.offset.map(|o| o % 65536), Some(4096));
+    }
+
+    #[test]
+    fn without_preallocation_written_clusters_are_plain_data() {
+        let (_mem, q) = mem_image(1 << 20, &[]);
+        q.write(&IoCtx::none(), &[1; 4096], 0).unwrap();
+        let s = q.block_status(0, 1 << 20).unwrap();
+        assert_eq!((s.data, s.zero, s.len), (true, false, 65536));
+    }
+
+    #[test]
+    fn unallocated_subclusters_of_an_allocated_cluster_name_its_host_offset() {
+        let (_mem, q) = mem_image(1 << 20, &[("extended_l2", "on")]);
+        q.write(&IoCtx::none(), &[1; 2048], 4096).unwrap();
+        let host = q.block_status(4096, 2048).unwrap().offset.unwrap();
+        let s = q.block_status(0, 1 << 20).unwrap();
+        assert_eq!(
+            (s.allocated, s.len, s.offset),
+            (false, 4096, Some(host - 4096))
+        );
+        let s = q.block_status(6144, 1 << 20).unwrap();
+        assert_eq!(
+            (s.allocated, s.len, s.offset),
+            (false, 65536 - 6144, Some(host + 2048))
+        );
+        // Unallocated clusters have no host offset.
+        let s = q.block_status(65536, 1 << 20).unwrap();
+        assert_eq!((s.allocated, s.offset), (false, None));
     }
 }

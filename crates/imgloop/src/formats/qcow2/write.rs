@@ -36,6 +36,15 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// [`lookup`](Qcow2::lookup) for the write path: invalid metadata marks
+    /// the image corrupt, which stops all further writes.
+    fn lookup_for_write(&self, m: &mut Meta, guest: u64) -> Result<(Cluster, u64)> {
+        self.lookup(m, guest).map_err(|e| match e.kind() {
+            ErrorKind::Corrupt => self.mark_corrupt(m, &e.to_string()),
+            _ => e,
+        })
+    }
+
     /// Makes room in the L2 cache and inserts a (dirty) table.
     fn insert_l2(&self, m: &mut Meta, off: u64, table: Box<[u8]>) -> Result<()> {
         if let Some((victim, dirty)) = m.l2.victim_if_full() {
@@ -211,7 +220,7 @@ fn write_step(q: &Qcow2, ctx: &IoCtx, buf: &[u8], pos: u64) -> Result<usize> {
     {
         let mut m = q.lock();
         q.check_writable(&m)?;
-        let (c, bitmap) = q.lookup(&mut m, pos)?;
+        let (c, bitmap) = q.lookup_for_write(&mut m, pos)?;
         if let Cluster::Normal { host, copied: true } = c {
             if !q.ext_l2 || subclusters_all_data(bitmap, sc, in_cluster, in_cluster + first_len) {
                 // In place; extend over following host-contiguous clusters.
@@ -219,7 +228,7 @@ fn write_step(q: &Qcow2, ctx: &IoCtx, buf: &[u8], pos: u64) -> Result<usize> {
                 while len < buf.len() as u64 {
                     let next = pos + len;
                     let n = (buf.len() as u64 - len).min(cs);
-                    match q.lookup(&mut m, next)? {
+                    match q.lookup_for_write(&mut m, next)? {
                         (
                             Cluster::Normal {
                                 host: h,
@@ -264,7 +273,7 @@ fn allocate_write(q: &Qcow2, ctx: &IoCtx, data: &[u8], pos: u64) -> Result<()> {
     // the data they map, as QEMU lays them out, and a failure here leaves
     // nothing half done.
     q.l2_for_write(&mut m, pos)?;
-    let (c, bitmap) = q.lookup(&mut m, pos)?;
+    let (c, bitmap) = q.lookup_for_write(&mut m, pos)?;
     // Where to write, which cluster-relative range, and whether the old
     // host storage is dropped.
     let (host, from, to, drop_old) = match c {
@@ -337,9 +346,13 @@ pub(super) fn write_zeroes(
     flags: ZeroFlags,
 ) -> Result<()> {
     let cs = q.cluster_size;
-    let raw_data = q.lock().header.data_file_raw();
-    if !q.v3 || raw_data {
-        // No zero flag (v2), or the raw data file must hold real zeroes.
+    let (raw_data, has_backing) = {
+        let m = q.lock();
+        (m.header.data_file_raw(), m.header.backing_file.is_some())
+    };
+    if !q.v3 && has_backing {
+        // No zero flag in version 2, and unallocated clusters would show
+        // the backing image: write real zeroes.
         return write_zero_bytes(q, ctx, offset, len);
     }
     let end = offset + len;
@@ -352,16 +365,49 @@ pub(super) fn write_zeroes(
     } else {
         last_full
     };
+    let partial = |from: u64, to: u64| {
+        if q.ext_l2 && !raw_data {
+            zero_subclusters(q, ctx, from, to)
+        } else {
+            write_zero_bytes(q, ctx, from, to - from)
+        }
+    };
     if first_full >= last_full {
-        return write_zero_bytes(q, ctx, offset, len);
+        return partial(offset, end);
     }
-    write_zero_bytes(q, ctx, offset, first_full - offset)?;
+    partial(offset, first_full)?;
     let mut g = first_full;
     while g < last_full {
         let _claim = q.claim(g >> q.cluster_bits);
         let mut m = q.lock();
         q.check_writable(&m)?;
-        let (c, _) = q.lookup(&mut m, g)?;
+        let (c, _) = q.lookup_for_write(&mut m, g)?;
+        if !q.v3 {
+            // Version 2 without a backing image: an unallocated cluster
+            // reads as zeroes.
+            if c != Cluster::Unallocated {
+                q.set_l2(&mut m, g, 0, 0)?;
+                q.release(&mut m, c);
+            }
+            g += cs;
+            continue;
+        }
+        if raw_data {
+            // The data file must stay a valid raw image: zero the cluster
+            // there too, and keep it mapped at its fixed place.
+            let n = cs.min(size - g);
+            q.data
+                .zero_range(g, n, flags.may_unmap)
+                .map_err(|e| Error::io("zeroing the raw data file", e))?;
+            let (e, bitmap) = if q.ext_l2 {
+                (g | entry::COPIED, entry::ALL_ZERO)
+            } else {
+                (g | entry::COPIED | entry::ZERO, 0)
+            };
+            q.set_l2(&mut m, g, e, bitmap)?;
+            g += cs;
+            continue;
+        }
         let keep = !flags.may_unmap
             && matches!(
                 c,
@@ -384,7 +430,51 @@ pub(super) fn write_zeroes(
         g += cs;
     }
     let tail_from = last_full.min(end);
-    write_zero_bytes(q, ctx, tail_from, end - tail_from)
+    partial(tail_from, end)
+}
+
+/// Zeroes `[from, to)` of an image with extended L2 entries, where the
+/// range covers no whole cluster: whole subclusters become zero
+/// subclusters (QEMU does the same), the unaligned rest gets zero bytes.
+fn zero_subclusters(q: &Qcow2, ctx: &IoCtx, from: u64, to: u64) -> Result<()> {
+    let cs = q.cluster_size;
+    let sc = cs / entry::SUBCLUSTERS as u64;
+    let mut pos = from;
+    while pos < to {
+        let base = pos & !(cs - 1);
+        let stop = to.min(base + cs);
+        let (a, b) = (pos.div_ceil(sc) * sc, stop / sc * sc);
+        if a >= b {
+            write_zero_bytes(q, ctx, pos, stop - pos)?;
+            pos = stop;
+            continue;
+        }
+        write_zero_bytes(q, ctx, pos, a - pos)?;
+        let done = {
+            let _claim = q.claim(base >> q.cluster_bits);
+            let mut m = q.lock();
+            q.check_writable(&m)?;
+            let (c, bitmap) = q.lookup_for_write(&mut m, base)?;
+            let (first, last) = (((a - base) / sc) as u32, ((b - base) / sc) as u32);
+            let host = match c {
+                Cluster::Normal { host, copied: true } => Some(host | entry::COPIED),
+                Cluster::Unallocated | Cluster::Zero { host: None, .. } => Some(0),
+                // Shared or compressed: rewrite the data instead.
+                _ => None,
+            };
+            if let Some(e) = host {
+                let bitmap = entry::set_subclusters(bitmap, first, last, Sub::Zero);
+                q.set_l2(&mut m, base, e, bitmap)?;
+            }
+            host.is_some()
+        };
+        if !done {
+            write_zero_bytes(q, ctx, a, b - a)?;
+        }
+        write_zero_bytes(q, ctx, b, stop - b)?;
+        pos = stop;
+    }
+    Ok(())
 }
 
 fn write_zero_bytes(q: &Qcow2, ctx: &IoCtx, offset: u64, len: u64) -> Result<()> {
@@ -410,10 +500,6 @@ pub(super) fn discard(q: &Qcow2, offset: u64, len: u64) -> Result<()> {
         let m = q.lock();
         (m.header.data_file_raw(), m.header.backing_file.is_some())
     };
-    if raw_data {
-        // The raw data file must keep the guest data: discard is advisory.
-        return Ok(());
-    }
     let size = q.size.load(Ordering::Acquire);
     let end = offset + len;
     let mut g = offset.div_ceil(cs) * cs;
@@ -422,10 +508,17 @@ pub(super) fn discard(q: &Qcow2, offset: u64, len: u64) -> Result<()> {
         let _claim = q.claim(g >> q.cluster_bits);
         let mut m = q.lock();
         q.check_writable(&m)?;
-        let (c, _) = q.lookup(&mut m, g)?;
+        let (c, _) = q.lookup_for_write(&mut m, g)?;
         if c == Cluster::Unallocated && !has_backing {
             g += cs;
             continue;
+        }
+        if raw_data {
+            // The data file must stay a valid raw image that reads like the
+            // guest disk: the discarded range reads as zeroes there too.
+            q.data
+                .punch_hole(g, cs.min(size - g))
+                .map_err(|e| Error::io("discarding in the raw data file", e))?;
         }
         let (e, bitmap) = match (q.v3, q.ext_l2) {
             (true, false) => (entry::ZERO, 0),
@@ -502,6 +595,25 @@ pub(super) fn resize(
         q.sync_file()?;
     }
     q.size.store(new_size, Ordering::Release);
+    if q.external_data {
+        // The data file follows the disk size, as at creation.
+        q.data
+            .set_len(new_size)
+            .map_err(|e| Error::io("resizing the data file", e))?;
+        if m.header.data_file_raw() && new_size > old {
+            // Every new guest cluster maps to its place in the raw data
+            // file, as in a new image.
+            let bitmap = if q.ext_l2 { entry::ALL_ALLOC } else { 0 };
+            let mut g = old.div_ceil(cs) * cs;
+            while g < new_size {
+                if q.lookup_for_write(&mut m, g)?.0 == Cluster::Unallocated {
+                    q.set_l2(&mut m, g, g | entry::COPIED, bitmap)?;
+                }
+                g += cs;
+            }
+            q.flush_meta(&mut m)?;
+        }
+    }
     Ok(())
 }
 
@@ -512,7 +624,7 @@ fn discard_all(q: &Qcow2, from: u64, to: u64) -> Result<()> {
     while g < to {
         let _claim = q.claim(g >> q.cluster_bits);
         let mut m = q.lock();
-        let (c, _) = q.lookup(&mut m, g)?;
+        let (c, _) = q.lookup_for_write(&mut m, g)?;
         if c != Cluster::Unallocated {
             q.set_l2(&mut m, g, 0, 0)?;
             q.release(&mut m, c);
@@ -520,4 +632,150 @@ fn discard_all(q: &Qcow2, from: u64, to: u64) -> Result<()> {
         g += cs;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::mem_image;
+    use super::*;
+    use crate::driver::{Driver, Mapping};
+    use crate::storage::{FileStorage, Storage};
+    use crate::Image;
+
+    fn read_all(mem: &crate::storage::MemStorage, len: usize) -> Vec<u8> {
+        let img = Image::open_storage(Arc::new(mem.clone()), Some("qcow2"), true, None).unwrap();
+        let mut b = vec![0u8; len];
+        img.read(&mut b, 0).unwrap();
+        b
+    }
+
+    #[test]
+    fn version_2_zero_writes_without_a_backing_image_deallocate_whole_clusters() {
+        let (mem, q) = mem_image(1 << 20, &[("compat", "0.10")]);
+        let ctx = IoCtx::none();
+        q.write(&ctx, &[0xaa; 3 << 16], 0).unwrap();
+        let host = match q.lookup(&mut q.lock(), 0).unwrap().0 {
+            Cluster::Normal { host, .. } => host,
+            other => panic!("{other:?}"),
+        };
+        q.write_zeroes(&ctx, 100, (2 << 16) - 100 + 10, ZeroFlags::default())
+            .unwrap();
+        // Cluster 1 is covered whole: unallocated (no zero flag in v2).
+        assert_eq!(
+            q.lookup(&mut q.lock(), 1 << 16).unwrap().0,
+            Cluster::Unallocated
+        );
+        assert!(matches!(
+            q.lookup(&mut q.lock(), 0).unwrap().0,
+            Cluster::Normal { .. }
+        ));
+        q.flush().unwrap();
+        let rc = q.refcount(&mut q.lock(), host / 65536 + 1).unwrap();
+        assert_eq!(rc, 0, "the deallocated cluster is free");
+        drop(q);
+        let b = read_all(&mem, 3 << 16);
+        assert!(b[..100].iter().all(|&x| x == 0xaa));
+        assert!(b[100..(2 << 16) + 10].iter().all(|&x| x == 0));
+        assert!(b[(2 << 16) + 10..].iter().all(|&x| x == 0xaa));
+    }
+
+    #[test]
+    fn extended_l2_zero_writes_turn_whole_subclusters_into_zero_subclusters() {
+        let (mem, q) = mem_image(1 << 20, &[("extended_l2", "on")]);
+        let ctx = IoCtx::none();
+        q.write(&ctx, &[0xaa; 1 << 16], 0).unwrap();
+        // Subclusters are 2 KiB: 1000..11000 covers subclusters 1 to 4.
+        q.write_zeroes(&ctx, 1000, 10000, ZeroFlags::default())
+            .unwrap();
+        let (c, bitmap) = q.lookup(&mut q.lock(), 0).unwrap();
+        assert!(matches!(c, Cluster::Normal { .. }));
+        let states: Vec<Sub> = (0..7).map(|i| entry::subcluster(bitmap, i)).collect();
+        use Sub::{Data as D, Zero as Z};
+        assert_eq!(states, [D, Z, Z, Z, Z, D, D]);
+        let s = q.block_status(2048, 1 << 16).unwrap();
+        assert_eq!((s.zero, s.len), (true, 4 * 2048));
+        // An unallocated cluster gets zero subclusters without a host.
+        q.write_zeroes(&ctx, (1 << 16) + 4096, 4096, ZeroFlags::default())
+            .unwrap();
+        let (c, bitmap) = q.lookup(&mut q.lock(), 1 << 16).unwrap();
+        assert!(matches!(c, Cluster::Zero { host: None, .. }), "{c:?}");
+        assert_eq!(entry::subcluster(bitmap, 2), Sub::Zero);
+        assert_eq!(entry::subcluster(bitmap, 4), Sub::Unallocated);
+        q.flush().unwrap();
+        drop(q);
+        let b = read_all(&mem, 1 << 17);
+        assert!(b[..1000].iter().all(|&x| x == 0xaa));
+        assert!(b[1000..11000].iter().all(|&x| x == 0));
+        assert!(b[11000..1 << 16].iter().all(|&x| x == 0xaa));
+        assert!(b[1 << 16..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_raw_data_file_reads_like_the_disk_after_zero_writes_and_discards() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.qcow2");
+        let data = dir.path().join("img.data");
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(&path).unwrap());
+        let mut opts = crate::CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        };
+        opts.options
+            .insert("data_file".into(), data.display().to_string());
+        opts.options.insert("data_file_raw".into(), "on".into());
+        super::super::create::create(storage.clone(), Some(&path), &opts).unwrap();
+        let q = Qcow2::open(
+            storage,
+            &crate::driver::DriverOpenOptions::default(),
+            Some(dir.path()),
+        )
+        .unwrap();
+        let ctx = IoCtx::none();
+        q.write(&ctx, &[0x5a; 1 << 19], 0).unwrap();
+        q.discard(1 << 16, 1 << 16).unwrap();
+        q.write_zeroes(&ctx, 3 << 16, 1 << 16, ZeroFlags::default())
+            .unwrap();
+        q.flush().unwrap();
+        let raw = std::fs::read(&data).unwrap();
+        assert_eq!(raw.len(), 1 << 20, "the raw data file has the disk's size");
+        assert!(raw[..1 << 16].iter().all(|&x| x == 0x5a));
+        assert!(raw[1 << 16..2 << 16].iter().all(|&x| x == 0), "discarded");
+        assert!(raw[2 << 16..3 << 16].iter().all(|&x| x == 0x5a));
+        assert!(raw[3 << 16..4 << 16].iter().all(|&x| x == 0), "zeroed");
+        for g in [1u64 << 16, 3 << 16] {
+            let s = q.block_status(g, 1 << 16).unwrap();
+            assert!(s.zero && !s.data, "guest {g:#x}: {s:?}");
+        }
+    }
+
+    #[test]
+    fn raw_data_files_are_created_preallocated_so_every_cluster_maps_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.qcow2");
+        let data = dir.path().join("p.data");
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(&path).unwrap());
+        let mut opts = crate::CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        };
+        opts.options
+            .insert("data_file".into(), data.display().to_string());
+        opts.options.insert("data_file_raw".into(), "on".into());
+        super::super::create::create(storage.clone(), Some(&path), &opts).unwrap();
+        // Data written to the raw file by another program shows through.
+        std::fs::write(&data, vec![0x6b; 1 << 20]).unwrap();
+        let q = Qcow2::open(
+            storage,
+            &crate::driver::DriverOpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+            Some(dir.path()),
+        )
+        .unwrap();
+        assert_eq!(
+            q.map(0, 1 << 20).unwrap(),
+            (Mapping::Data { host_offset: 0 }, 1 << 20)
+        );
+    }
 }

@@ -1,0 +1,139 @@
+//! The bitmaps extension, read side: the bitmap directory (names,
+//! granularity, flags and table locations), for `info` and checks.
+//!
+//! Extension payload: `nb_bitmaps` (u32), reserved (u32),
+//! `bitmap_directory_size` (u64), `bitmap_directory_offset` (u64).
+//! Directory entry: table offset (u64), table size (u32), flags (u32),
+//! type (u8), granularity bits (u8), name size (u16), extra data size
+//! (u32), then the extra data and the name, padded to 8 bytes.
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// Largest bitmap directory read (QEMU's limit).
+const MAX_DIRECTORY: u64 = 64 << 20;
+/// Most bitmaps an image may have (QEMU's limit).
+const MAX_BITMAPS: u32 = 65535;
+
+/// Flag bit 0: the bitmap was not saved correctly.
+pub const FLAG_IN_USE: u32 = 1 << 0;
+/// Flag bit 1: the bitmap tracks every write (enabled).
+pub const FLAG_AUTO: u32 = 1 << 1;
+
+/// One bitmap directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bitmap {
+    /// Offset of the bitmap table.
+    pub table_offset: u64,
+    /// Entries in the bitmap table.
+    pub table_size: u32,
+    /// Flags ([`FLAG_IN_USE`], [`FLAG_AUTO`], ...).
+    pub flags: u32,
+    /// log2 of the bytes of disk one bit stands for.
+    pub granularity_bits: u8,
+    /// The bitmap's name.
+    pub name: String,
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+}
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Parses a bitmap directory of `count` entries.
+pub fn parse_directory(dir: &[u8], count: u32) -> Result<Vec<Bitmap>> {
+    let bad = |at: usize, why: &str| Error::corrupt("bitmap directory", at as u64, why);
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for _ in 0..count {
+        if pos + 24 > dir.len() {
+            return Err(bad(pos, "bitmap directory entry is truncated"));
+        }
+        let e = &dir[pos..];
+        let name_size = be16(e, 18) as usize;
+        let extra = be32(e, 20) as usize;
+        let end = 24 + extra + name_size;
+        if pos + end > dir.len() {
+            return Err(bad(pos, "bitmap directory entry is truncated"));
+        }
+        out.push(Bitmap {
+            table_offset: be64(e, 0),
+            table_size: be32(e, 8),
+            flags: be32(e, 12),
+            granularity_bits: e[17],
+            name: String::from_utf8_lossy(&e[24 + extra..end]).into_owned(),
+        });
+        pos += end.div_ceil(8) * 8;
+    }
+    Ok(out)
+}
+
+/// Reads the bitmap directory named by the extension payload `ext`.
+pub fn read_directory(storage: &dyn Storage, ext: &[u8]) -> Result<Vec<Bitmap>> {
+    if ext.len() < 24 {
+        return Err(Error::corrupt(
+            "bitmaps extension",
+            0,
+            "bitmaps extension is too short",
+        ));
+    }
+    let count = be32(ext, 0);
+    let size = be64(ext, 8);
+    let offset = be64(ext, 16);
+    if count > MAX_BITMAPS || size > MAX_DIRECTORY {
+        return Err(Error::corrupt(
+            "bitmaps extension",
+            0,
+            "bitmap directory is too large",
+        ));
+    }
+    let mut dir = vec![0u8; size as usize];
+    storage
+        .read_at(&mut dir, offset)
+        .map_err(|e| Error::io("reading the bitmap directory", e).at("bitmap directory", offset))?;
+    parse_directory(&dir, count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, flags: u32, gran: u8, extra: usize) -> Vec<u8> {
+        let mut e = vec![0u8; 24];
+        e[0..8].copy_from_slice(&0x5_0000u64.to_be_bytes());
+        e[8..12].copy_from_slice(&1u32.to_be_bytes());
+        e[12..16].copy_from_slice(&flags.to_be_bytes());
+        e[16] = 1;
+        e[17] = gran;
+        e[18..20].copy_from_slice(&(name.len() as u16).to_be_bytes());
+        e[20..24].copy_from_slice(&(extra as u32).to_be_bytes());
+        e.extend(std::iter::repeat_n(0xaa, extra));
+        e.extend_from_slice(name.as_bytes());
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        e
+    }
+
+    #[test]
+    fn entries_follow_each_other_past_extra_data_and_padding() {
+        let mut dir = entry("bm0", FLAG_AUTO, 16, 0);
+        dir.extend(entry("second-bitmap", 0, 17, 5));
+        let list = parse_directory(&dir, 2).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!((list[0].name.as_str(), list[0].flags), ("bm0", FLAG_AUTO));
+        assert_eq!(list[1].name, "second-bitmap");
+        assert_eq!(list[1].granularity_bits, 17);
+        assert_eq!(list[1].table_offset, 0x5_0000);
+    }
+
+    #[test]
+    fn a_short_directory_is_an_error() {
+        let dir = entry("bm0", 0, 16, 0);
+        assert!(parse_directory(&dir[..20], 1).is_err());
+        assert!(parse_directory(&dir, 2).is_err());
+    }
+}
