@@ -53,6 +53,42 @@ pub struct BlockStatus {
     pub offset: Option<u64>,
 }
 
+impl BlockStatus {
+    /// The status a [`Mapping`] of `len` bytes implies. `host` is the host
+    /// offset a zero or unallocated range still has (preallocated space, an
+    /// unallocated subcluster of an allocated cluster), shown by `map`.
+    pub fn of_mapping(mapping: Mapping, len: u64, host: Option<u64>) -> BlockStatus {
+        match mapping {
+            Mapping::Data { host_offset } => BlockStatus {
+                len,
+                allocated: true,
+                data: true,
+                offset: Some(host_offset),
+                ..Default::default()
+            },
+            Mapping::Zero => BlockStatus {
+                len,
+                allocated: true,
+                zero: true,
+                offset: host,
+                ..Default::default()
+            },
+            Mapping::Unallocated => BlockStatus {
+                len,
+                offset: host,
+                ..Default::default()
+            },
+            Mapping::Special => BlockStatus {
+                len,
+                allocated: true,
+                data: true,
+                compressed: true,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// Flags for [`Driver::write_zeroes`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ZeroFlags {
@@ -243,32 +279,7 @@ pub trait Driver: Send + Sync {
     /// The default derives it from [`map`](Driver::map).
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
         let (m, len) = self.map(offset, max_len)?;
-        Ok(match m {
-            Mapping::Data { host_offset } => BlockStatus {
-                len,
-                allocated: true,
-                data: true,
-                offset: Some(host_offset),
-                ..Default::default()
-            },
-            Mapping::Zero => BlockStatus {
-                len,
-                allocated: true,
-                zero: true,
-                ..Default::default()
-            },
-            Mapping::Unallocated => BlockStatus {
-                len,
-                ..Default::default()
-            },
-            Mapping::Special => BlockStatus {
-                len,
-                allocated: true,
-                data: true,
-                compressed: true,
-                ..Default::default()
-            },
-        })
+        Ok(BlockStatus::of_mapping(m, len, None))
     }
 
     /// Writes `buf` at `offset`, allocating as needed.

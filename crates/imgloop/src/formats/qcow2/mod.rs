@@ -806,11 +806,11 @@ impl Driver for Qcow2 {
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
         let mut m = self.lock();
         let (mapping, len, host) = self.map_cluster(&mut m, offset, max_len)?;
-        let mut s = status_of(mapping, len, host);
+        let mut s = BlockStatus::of_mapping(mapping, len, host);
         // Merge same-kind neighbours so maps stay short.
         while s.len < max_len {
             let (mp, n, h) = self.map_cluster(&mut m, offset + s.len, max_len - s.len)?;
-            let t = status_of(mp, n, h);
+            let t = BlockStatus::of_mapping(mp, n, h);
             let contiguous = match (s.offset, t.offset) {
                 (Some(a), Some(b)) => a + s.len == b,
                 (None, None) => true,
@@ -991,37 +991,6 @@ impl Driver for Qcow2 {
         let mut m = self.lock();
         self.flush_meta(&mut m)?;
         self.sync_file()
-    }
-}
-
-fn status_of(mapping: Mapping, len: u64, host: Option<u64>) -> BlockStatus {
-    match mapping {
-        Mapping::Data { host_offset } => BlockStatus {
-            len,
-            allocated: true,
-            data: true,
-            offset: Some(host_offset),
-            ..Default::default()
-        },
-        Mapping::Zero => BlockStatus {
-            len,
-            allocated: true,
-            zero: true,
-            offset: host,
-            ..Default::default()
-        },
-        Mapping::Unallocated => BlockStatus {
-            len,
-            offset: host,
-            ..Default::default()
-        },
-        Mapping::Special => BlockStatus {
-            len,
-            allocated: true,
-            data: true,
-            compressed: true,
-            ..Default::default()
-        },
     }
 }
 
