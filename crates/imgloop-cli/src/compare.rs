@@ -118,15 +118,23 @@ fn compare(ia: &Image, ib: &Image, a: &Args) -> Result<Outcome> {
         let zero_b = st_b.zero;
         if !(zero_a && zero_b) {
             let len = n as usize;
-            if !zero_a {
-                ia.read(&mut buf_a[..len], pos)?;
-            }
-            if !zero_b {
-                ib.read(&mut buf_b[..len], pos)?;
+            let (part_a, part_b) = (&mut buf_a[..len], &mut buf_b[..len]);
+            match (zero_a, zero_b) {
+                (true, _) => ib.read(part_b, pos)?,
+                (_, true) => ia.read(part_a, pos)?,
+                _ => {
+                    // Both hold data: read them at the same time.
+                    std::thread::scope(|s| {
+                        let other = s.spawn(|| ib.read(part_b, pos));
+                        let mine = ia.read(part_a, pos);
+                        mine.and(other.join().expect("reader thread"))
+                    })?;
+                }
             }
             let diff = match (zero_a, zero_b) {
                 (true, _) => first_nonzero(&buf_b[..len]),
                 (_, true) => first_nonzero(&buf_a[..len]),
+                _ if buf_a[..len] == buf_b[..len] => None,
                 _ => buf_a[..len]
                     .iter()
                     .zip(&buf_b[..len])
