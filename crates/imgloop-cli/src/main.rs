@@ -1,12 +1,16 @@
 //! `imgloop`: a qemu-img-compatible command line for virtual-disk images.
 
+mod attach;
 mod check;
 mod common;
 mod compare;
 mod convert;
 mod create;
+mod detach;
+mod fuse;
 mod info;
 mod io;
+mod list;
 mod map;
 mod resize;
 
@@ -50,6 +54,14 @@ enum Command {
     Resize(resize::Args),
     /// Run scripted I/O commands on an image (like qemu-io).
     Io(io::Args),
+    /// Export an image's virtual disk as a regular file over FUSE.
+    Fuse(fuse::Args),
+    /// Attach an image as a loop block device (/dev/loopN).
+    Attach(attach::Args),
+    /// Detach an attached image and free its loop device.
+    Detach(detach::Args),
+    /// List the images attached as loop devices.
+    List(list::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +80,10 @@ fn main() -> ExitCode {
         Command::Check(a) => check::run(a),
         Command::Resize(a) => resize::run(a),
         Command::Io(a) => io::run(a),
+        Command::Fuse(a) => fuse::run(a),
+        Command::Attach(a) => attach::run(a),
+        Command::Detach(a) => detach::run(a),
+        Command::List(a) => list::run(a),
     };
     ExitCode::from(code)
 }
