@@ -173,13 +173,25 @@ impl Image {
         read_only: bool,
         backing: Option<Arc<Image>>,
     ) -> Result<Image> {
-        let name = storage.describe();
-        let (fmt, probed) = pick_format(&*storage, format, Path::new(&name))?;
         let dopts = DriverOpenOptions {
             read_only,
             ..Default::default()
         };
-        let driver = fmt.open(storage.clone(), &dopts)?;
+        Self::open_storage_with(storage, format, &dopts, backing)
+    }
+
+    /// Like [`open_storage`](Image::open_storage), with driver options
+    /// (e.g. `l2-cache-size` for qcow2).
+    pub fn open_storage_with(
+        storage: Arc<dyn Storage>,
+        format: Option<&str>,
+        dopts: &DriverOpenOptions,
+        backing: Option<Arc<Image>>,
+    ) -> Result<Image> {
+        let read_only = dopts.read_only;
+        let name = storage.describe();
+        let (fmt, probed) = pick_format(&*storage, format, Path::new(&name))?;
+        let driver = fmt.open(storage.clone(), dopts)?;
         let backing_ref = driver.backing();
         Ok(Image {
             driver,

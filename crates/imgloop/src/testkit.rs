@@ -104,10 +104,33 @@ fn pick_range(rng: &mut Rng, size: u64) -> (u64, u64) {
 /// reopen) with the model. Returns a description of the first mismatch,
 /// including the operation log, so the failing seed can be replayed.
 pub fn run_model_test(format: &str, create: &CreateOptions, seed: u64, ops: usize) -> Result<()> {
+    run_model_test_with(format, create, &[], seed, ops)
+}
+
+/// [`run_model_test`] with driver open options (e.g. a tiny
+/// `l2-cache-size`, so cache eviction is exercised).
+pub fn run_model_test_with(
+    format: &str,
+    create: &CreateOptions,
+    driver_options: &[(&str, &str)],
+    seed: u64,
+    ops: usize,
+) -> Result<()> {
     let fmt = registry::find(format)?;
     let mem = MemStorage::new();
     fmt.create(Arc::new(mem.clone()), None, create)?;
-    let open = |ro: bool| Image::open_storage(Arc::new(mem.clone()), Some(format), ro, None);
+    let options: std::collections::BTreeMap<String, String> = driver_options
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let open = |ro: bool| {
+        let dopts = crate::driver::DriverOpenOptions {
+            read_only: ro,
+            path: None,
+            options: options.clone(),
+        };
+        Image::open_storage_with(Arc::new(mem.clone()), Some(format), &dopts, None)
+    };
     let mut img = open(false)?;
     let size = img.size();
     if size == 0 {
@@ -297,6 +320,19 @@ mod qcow2_model_tests {
         for seed in 0..4 {
             run_model_test("qcow2", &o, seed, 250).unwrap();
         }
+    }
+
+    #[test]
+    fn qcow2_with_caches_of_two_tables_survives_random_sequences() {
+        // 4 KiB clusters: one L2 table maps 2 MiB, so a 6 MiB disk needs
+        // three; a two-table cache evicts (and writes back) all the time.
+        let o = opts(6 << 20, &[("cluster_size", "4096")]);
+        let small = [("l2-cache-size", "8k"), ("refcount-cache-size", "8k")];
+        for seed in 0..4 {
+            run_model_test_with("qcow2", &o, &small, seed, 300).unwrap();
+        }
+        let o = opts(6 << 20, &[("cluster_size", "16k"), ("extended_l2", "on")]);
+        run_model_test_with("qcow2", &o, &small, 11, 300).unwrap();
     }
 
     #[test]
