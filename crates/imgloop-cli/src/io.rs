@@ -1,6 +1,6 @@
 //! `imgloop io`: scripted I/O in the spirit of qemu-io.
 
-use crate::common::{fail, open};
+use crate::common::{fail, parse_options};
 use imgloop::size::{human_size, parse_size};
 use imgloop::{Error, Image, Result};
 use std::path::PathBuf;
@@ -37,6 +37,10 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// Driver open options, `key=value[,...]` (qcow2: `l2-cache-size`,
+    /// `refcount-cache-size`).
+    #[arg(short = 'o', long = "open-options")]
+    open_options: Vec<String>,
     /// A command to run.
     #[arg(short = 'c', long = "cmd", required = true)]
     commands: Vec<String>,
@@ -45,7 +49,19 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> u8 {
-    let img = match open(&a.file, a.format.as_deref(), a.read_only, a.force_share) {
+    let opened = parse_options(&a.open_options).and_then(|driver_options| {
+        imgloop::Image::open(
+            &a.file,
+            &imgloop::OpenOptions {
+                format: a.format.clone(),
+                read_only: a.read_only,
+                force_share: a.force_share,
+                driver_options,
+                ..Default::default()
+            },
+        )
+    });
+    let img = match opened {
         Ok(i) => i,
         Err(e) => return fail(&e),
     };

@@ -1335,3 +1335,48 @@ fn concurrent_writers_on_one_image_leave_it_clean_and_correct() {
         assert_our_check_clean(&img, &what);
     }
 }
+
+#[test]
+fn a_tiny_l2_cache_set_by_open_option_still_writes_a_clean_image() {
+    let sc = Scratch::new();
+    let img = sc.path("tiny-cache.qcow2");
+    // 4 KiB clusters: an L2 table maps 2 MiB, so 8 regions 3 MiB apart
+    // need 8 tables while the cache holds 2.
+    imgloop(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        s(&img),
+        "32M",
+    ])
+    .ok();
+    let writes: Vec<String> = (0..8)
+        .map(|i| format!("write -P {} {}M 12k", i + 1, i * 3 + 1))
+        .collect();
+    let reads: Vec<String> = (0..8)
+        .map(|i| format!("read -P {} {}M 12k", i + 1, i * 3 + 1))
+        .collect();
+    let mut args = vec![
+        "io",
+        "-f",
+        "qcow2",
+        "-o",
+        "l2-cache-size=8k,refcount-cache-size=8k",
+    ];
+    for c in writes.iter().chain(reads.iter()) {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(&img));
+    imgloop(&args).ok();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    for r in &reads {
+        qemu_io("qcow2", &img, &[r]).ok();
+    }
+    let bad = imgloop(&["io", "-o", "l2-cache-size=lots", "-c", "read 0 1", s(&img)]);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("l2-cache-size"), "{}", bad.stderr);
+}
