@@ -124,6 +124,34 @@ fn plan(src: &Image) -> Result<Vec<Job>> {
     Ok(jobs)
 }
 
+/// Jobs of exactly `grid` bytes (the last one may be shorter): a piece is
+/// a zero job only when all of it reads as zeroes.
+fn plan_aligned(src: &Image, grid: u64) -> Result<Vec<Job>> {
+    let size = src.size();
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let end = (pos + grid).min(size);
+        let mut zero = true;
+        let mut p = pos;
+        while p < end && zero {
+            let (st, _) = src.block_status_chain(p, end - p)?;
+            zero = st.zero;
+            p += st.len;
+        }
+        match jobs.last_mut() {
+            Some(j) if zero && j.zero => j.len += end - pos,
+            _ => jobs.push(Job {
+                offset: pos,
+                len: end - pos,
+                zero,
+            }),
+        }
+        pos = end;
+    }
+    Ok(jobs)
+}
+
 fn convert(a: &Args) -> Result<()> {
     let src = Image::open(
         &a.source,
@@ -188,7 +216,14 @@ fn convert(a: &Args) -> Result<()> {
         && src.driver().data_storage().as_file().is_some()
         && dst.driver().data_storage().as_file().is_some();
 
-    let jobs = plan(&src)?;
+    let jobs = if a.compress {
+        // Compressed clusters are written whole: plan on a grid of whole
+        // clusters, reading the zero parts of partly used ones too.
+        let unit = dst.compression_unit().unwrap_or(CHUNK);
+        plan_aligned(&src, CHUNK.max(unit) / unit * unit)?
+    } else {
+        plan(&src)?
+    };
     let progress = Progress::new(a.progress && !a.quiet, src.size());
     let ctx = Copier {
         src: &src,

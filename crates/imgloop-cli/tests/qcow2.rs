@@ -1380,3 +1380,37 @@ fn a_tiny_l2_cache_set_by_open_option_still_writes_a_clean_image() {
     assert_eq!(bad.code, 1);
     assert!(bad.stderr.contains("l2-cache-size"), "{}", bad.stderr);
 }
+
+#[test]
+fn compressed_convert_of_data_that_is_not_cluster_aligned_is_clean_and_equal() {
+    let sc = Scratch::new();
+    let src = sc.path("unaligned.raw");
+    imgloop(&["create", "-q", "-f", "raw", s(&src), "8M"]).ok();
+    // Data extents start and end inside 64 KiB clusters (4 KiB granular).
+    imgloop_io(
+        "raw",
+        &src,
+        &[
+            "write -P 0x31 12k 20k",
+            "write -P 0x32 1028k 8k",
+            "write -P 0x33 8188k 4k",
+        ],
+    )
+    .ok();
+    for ctype in ["zlib", "zstd"] {
+        let dst = sc.path(&format!("unaligned-{ctype}.qcow2"));
+        let opt = format!("compression_type={ctype}");
+        imgloop(&["convert", "-c", "-O", "qcow2", "-o", &opt, s(&src), s(&dst)]).ok();
+        assert_eq!(qemu_img(&["check", s(&dst)]).code, 0, "{ctype}");
+        let cmp = qemu_img(&["compare", "-f", "raw", "-F", "qcow2", s(&src), s(&dst)]);
+        assert_eq!(cmp.code, 0, "{ctype}: {}", cmp.stdout);
+        let map = qemu_img(&["map", "--output=json", s(&dst)]).ok().json();
+        assert!(
+            map.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["compressed"] == true),
+            "{ctype}: nothing compressed"
+        );
+    }
+}
