@@ -169,8 +169,8 @@ bench_convert() {
     read -r -a qonly <<<"$5"
     shift 5
     local tag=${name//[^A-Za-z0-9]/_}
-    local dq=$WORK/dst-qemu-img$tag.$out_fmt
-    local di=$WORK/dst-imgloop$tag.$out_fmt
+    local dq=$WORK/dst-qemu-img_$tag.$out_fmt
+    local di=$WORK/dst-imgloop_$tag.$out_fmt
     local best_q="" best_i="" t r
     msg "case '$name': warm-up"
     rm -f -- "$dq" "$di"

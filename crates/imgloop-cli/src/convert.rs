@@ -47,9 +47,9 @@ pub struct Args {
     /// Do not create the target; it must exist and be large enough.
     #[arg(short = 'n')]
     no_create: bool,
-    /// Number of parallel workers.
-    #[arg(short = 'm', default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
-    workers: u32,
+    /// Number of parallel workers (default: the number of CPUs, 2 to 8).
+    #[arg(short = 'm', value_parser = clap::value_parser!(u32).range(1..=64))]
+    workers: Option<u32>,
     /// Allow out-of-order writes to the target.
     #[arg(short = 'W')]
     out_of_order: bool,
@@ -243,7 +243,9 @@ fn convert(a: &Args) -> Result<()> {
         progress: &progress,
         jobs: &jobs,
     };
-    let workers = (a.workers as usize).min(jobs.len()).max(1);
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let wanted = a.workers.map_or(cpus.clamp(2, 8), |w| w as usize);
+    let workers = wanted.min(jobs.len()).max(1);
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| ctx.worker());
