@@ -2,6 +2,30 @@
 //! their host offset, with dirty tracking for write-back.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Keys are cluster-aligned host offsets: one multiply mixes them well
+/// enough, and costs far less than SipHash on the read path.
+#[derive(Default)]
+pub struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Map = HashMap<u64, Entry, BuildHasherDefault<OffsetHasher>>;
 
 struct Entry {
     data: Box<[u8]>,
@@ -13,7 +37,7 @@ struct Entry {
 pub struct TableCache {
     capacity: usize,
     tick: u64,
-    entries: HashMap<u64, Entry>,
+    entries: Map,
 }
 
 impl TableCache {
@@ -22,7 +46,7 @@ impl TableCache {
         TableCache {
             capacity: capacity.max(2),
             tick: 0,
-            entries: HashMap::new(),
+            entries: Map::default(),
         }
     }
 
