@@ -147,6 +147,17 @@ pub struct Header {
     pub backing_file: Option<String>,
 }
 
+/// An invalid header field (`field` at byte `offset` holds `value`).
+fn bad_field(field: &'static str, offset: u64, value: u64, why: &'static str) -> Error {
+    QcowError::Field {
+        field,
+        offset,
+        value,
+        why,
+    }
+    .into()
+}
+
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -299,13 +310,12 @@ impl Header {
             backing_file: None,
         };
         if !(9..=21).contains(&h.cluster_bits) {
-            return Err(QcowError::Field {
-                field: "cluster_bits",
-                offset: 20,
-                value: h.cluster_bits as u64,
-                why: "must be between 9 (512 B) and 21 (2 MiB)",
-            }
-            .into());
+            return Err(bad_field(
+                "cluster_bits",
+                20,
+                h.cluster_bits as u64,
+                "must be between 9 (512 B) and 21 (2 MiB)",
+            ));
         }
         let cs = h.cluster_size();
         if version == 3 {
@@ -324,58 +334,48 @@ impl Header {
             h.refcount_order = be32(&b, 96);
             h.header_length = be32(&b, 100);
             if h.header_length < 104 || h.header_length as u64 > cs.min(b.len() as u64) {
-                return Err(QcowError::Field {
-                    field: "header_length",
-                    offset: 100,
-                    value: h.header_length as u64,
-                    why: "must be at least 104 and fit in the first cluster",
-                }
-                .into());
+                return Err(bad_field(
+                    "header_length",
+                    100,
+                    h.header_length as u64,
+                    "must be at least 104 and fit in the first cluster",
+                ));
             }
             if h.header_length > 104 {
                 h.compression_type = match b[104] {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
                     other => {
-                        return Err(QcowError::Field {
-                            field: "compression_type",
-                            offset: 104,
-                            value: other as u64,
-                            why: "unknown compression type",
-                        }
-                        .into())
+                        return Err(bad_field(
+                            "compression_type",
+                            104,
+                            other as u64,
+                            "unknown compression type",
+                        ))
                     }
                 };
             }
             if h.compression_type != CompressionType::Zlib
                 && h.incompatible_features & incompat::COMPRESSION == 0
             {
-                return Err(QcowError::Field {
-                    field: "compression_type",
-                    offset: 104,
-                    value: 1,
-                    why: "set without the compression type feature bit",
-                }
-                .into());
+                return Err(bad_field(
+                    "compression_type",
+                    104,
+                    1,
+                    "set without the compression type feature bit",
+                ));
             }
         }
         if h.refcount_order > 6 {
-            return Err(QcowError::Field {
-                field: "refcount_order",
-                offset: 96,
-                value: h.refcount_order as u64,
-                why: "must be at most 6 (64-bit refcounts)",
-            }
-            .into());
+            return Err(bad_field(
+                "refcount_order",
+                96,
+                h.refcount_order as u64,
+                "must be at most 6 (64-bit refcounts)",
+            ));
         }
         if h.size > MAX_VIRTUAL_SIZE {
-            return Err(QcowError::Field {
-                field: "size",
-                offset: 24,
-                value: h.size,
-                why: "virtual size is too large",
-            }
-            .into());
+            return Err(bad_field("size", 24, h.size, "virtual size is too large"));
         }
         // Extensions: from the end of the fixed header to the end of the
         // first cluster (or the backing file name, whichever comes first).
@@ -397,13 +397,12 @@ impl Header {
             }
             let data_end = pos + 8 + len;
             if data_end > ext_end {
-                return Err(QcowError::Field {
-                    field: "header extension length",
-                    offset: pos as u64 + 4,
-                    value: len as u64,
-                    why: "extends past the end of the header cluster",
-                }
-                .into());
+                return Err(bad_field(
+                    "header extension length",
+                    pos as u64 + 4,
+                    len as u64,
+                    "extends past the end of the header cluster",
+                ));
             }
             h.extensions.push(Extension {
                 kind,
@@ -435,23 +434,21 @@ impl Header {
         }
         if h.backing_file_offset != 0 {
             if h.backing_file_size == 0 || h.backing_file_size > MAX_BACKING_NAME {
-                return Err(QcowError::Field {
-                    field: "backing_file_size",
-                    offset: 16,
-                    value: h.backing_file_size as u64,
-                    why: "backing file name length must be 1 to 1023",
-                }
-                .into());
+                return Err(bad_field(
+                    "backing_file_size",
+                    16,
+                    h.backing_file_size as u64,
+                    "backing file name length must be 1 to 1023",
+                ));
             }
             let end = h.backing_file_offset + h.backing_file_size as u64;
             if end > cs || end > file_len {
-                return Err(QcowError::Field {
-                    field: "backing_file_offset",
-                    offset: 8,
-                    value: h.backing_file_offset,
-                    why: "backing file name lies outside the header cluster",
-                }
-                .into());
+                return Err(bad_field(
+                    "backing_file_offset",
+                    8,
+                    h.backing_file_offset,
+                    "backing file name lies outside the header cluster",
+                ));
             }
             let mut name = vec![0u8; h.backing_file_size as usize];
             storage
@@ -468,71 +465,64 @@ impl Header {
         let cs = self.cluster_size();
         let aligned = |v: u64| v.is_multiple_of(cs);
         if self.l1_size as u64 * 8 > MAX_L1_BYTES {
-            return Err(QcowError::Field {
-                field: "l1_size",
-                offset: 36,
-                value: self.l1_size as u64,
-                why: "L1 table is larger than 32 MiB",
-            }
-            .into());
+            return Err(bad_field(
+                "l1_size",
+                36,
+                self.l1_size as u64,
+                "L1 table is larger than 32 MiB",
+            ));
         }
         let per_l1 = cs * self.l2_entries();
         let needed = self.size.div_ceil(per_l1);
         if (self.l1_size as u64) < needed {
-            return Err(QcowError::Field {
-                field: "l1_size",
-                offset: 36,
-                value: self.l1_size as u64,
-                why: "L1 table is too small for the virtual size",
-            }
-            .into());
+            return Err(bad_field(
+                "l1_size",
+                36,
+                self.l1_size as u64,
+                "L1 table is too small for the virtual size",
+            ));
         }
         if !aligned(self.l1_table_offset) || (self.l1_size > 0 && self.l1_table_offset == 0) {
-            return Err(QcowError::Field {
-                field: "l1_table_offset",
-                offset: 40,
-                value: self.l1_table_offset,
-                why: "L1 table offset is not cluster-aligned",
-            }
-            .into());
+            return Err(bad_field(
+                "l1_table_offset",
+                40,
+                self.l1_table_offset,
+                "L1 table offset is not cluster-aligned",
+            ));
         }
         if !aligned(self.refcount_table_offset) || self.refcount_table_offset == 0 {
-            return Err(QcowError::Field {
-                field: "refcount_table_offset",
-                offset: 48,
-                value: self.refcount_table_offset,
-                why: "refcount table offset is not a non-zero multiple of the cluster size",
-            }
-            .into());
+            return Err(bad_field(
+                "refcount_table_offset",
+                48,
+                self.refcount_table_offset,
+                "refcount table offset is not a non-zero multiple of the cluster size",
+            ));
         }
         if self.refcount_table_clusters == 0
             || self.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES
         {
-            return Err(QcowError::Field {
-                field: "refcount_table_clusters",
-                offset: 56,
-                value: self.refcount_table_clusters as u64,
-                why: "refcount table must be 1 cluster to 8 MiB",
-            }
-            .into());
+            return Err(bad_field(
+                "refcount_table_clusters",
+                56,
+                self.refcount_table_clusters as u64,
+                "refcount table must be 1 cluster to 8 MiB",
+            ));
         }
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(QcowError::Field {
-                field: "nb_snapshots",
-                offset: 60,
-                value: self.nb_snapshots as u64,
-                why: "too many snapshots",
-            }
-            .into());
+            return Err(bad_field(
+                "nb_snapshots",
+                60,
+                self.nb_snapshots as u64,
+                "too many snapshots",
+            ));
         }
         if self.nb_snapshots > 0 && !aligned(self.snapshots_offset) {
-            return Err(QcowError::Field {
-                field: "snapshots_offset",
-                offset: 64,
-                value: self.snapshots_offset,
-                why: "snapshot table offset is not cluster-aligned",
-            }
-            .into());
+            return Err(bad_field(
+                "snapshots_offset",
+                64,
+                self.snapshots_offset,
+                "snapshot table offset is not cluster-aligned",
+            ));
         }
         // Tables must not overlap the header cluster.
         for (field, off, at) in [

@@ -710,12 +710,12 @@ mod tests {
         assert!(b[1 << 16..].iter().all(|&x| x == 0));
     }
 
-    #[test]
-    fn a_raw_data_file_reads_like_the_disk_after_zero_writes_and_discards() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img.qcow2");
-        let data = dir.path().join("img.data");
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(&path).unwrap());
+    /// Creates a 1 MiB image at `path` with the raw external data file `data`.
+    fn create_with_raw_data_file(
+        path: &std::path::Path,
+        data: &std::path::Path,
+    ) -> Arc<dyn Storage> {
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(path).unwrap());
         let mut opts = crate::CreateOptions {
             size: 1 << 20,
             ..Default::default()
@@ -723,7 +723,16 @@ mod tests {
         opts.options
             .insert("data_file".into(), data.display().to_string());
         opts.options.insert("data_file_raw".into(), "on".into());
-        super::super::create::create(storage.clone(), Some(&path), &opts).unwrap();
+        super::super::create::create(storage.clone(), Some(path), &opts).unwrap();
+        storage
+    }
+
+    #[test]
+    fn a_raw_data_file_reads_like_the_disk_after_zero_writes_and_discards() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.qcow2");
+        let data = dir.path().join("img.data");
+        let storage = create_with_raw_data_file(&path, &data);
         let q = Qcow2::open(
             storage,
             &crate::driver::DriverOpenOptions::default(),
@@ -753,15 +762,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.qcow2");
         let data = dir.path().join("p.data");
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(&path).unwrap());
-        let mut opts = crate::CreateOptions {
-            size: 1 << 20,
-            ..Default::default()
-        };
-        opts.options
-            .insert("data_file".into(), data.display().to_string());
-        opts.options.insert("data_file_raw".into(), "on".into());
-        super::super::create::create(storage.clone(), Some(&path), &opts).unwrap();
+        let storage = create_with_raw_data_file(&path, &data);
         // Data written to the raw file by another program shows through.
         std::fs::write(&data, vec![0x6b; 1 << 20]).unwrap();
         let q = Qcow2::open(
