@@ -105,6 +105,31 @@ fn print_human(img: &Image) {
     if i.dirty_flag {
         println!("cleanly shut down: no");
     }
+    if !i.snapshots.is_empty() {
+        println!("Snapshot list:");
+        println!(
+            "{:<7} {:<17}{:>8} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        );
+        for sn in &i.snapshots {
+            let clock = sn.vm_clock_sec;
+            println!(
+                "{:<7} {:<17}{:>8} {:>19} {:>15} {:>10}",
+                sn.id,
+                sn.name,
+                human_size(sn.vm_state_size),
+                utc_date(sn.date_sec),
+                format!(
+                    "{:04}:{:02}:{:02}.{:03}",
+                    clock / 3600,
+                    clock / 60 % 60,
+                    clock % 60,
+                    sn.vm_clock_nsec / 1_000_000
+                ),
+                sn.icount.map_or(String::new(), |c| c.to_string())
+            );
+        }
+    }
     if !i.format_specific_lines.is_empty() {
         println!("Format specific information:");
         for (k, v) in &i.format_specific_lines {
@@ -139,4 +164,38 @@ pub fn run(a: Args) -> u8 {
         }
     }
     0
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC for seconds since the epoch.
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+
+    #[test]
+    fn dates_are_formatted_in_utc() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_date(1_795_259_374), "2026-11-21 11:09:34");
+    }
 }

@@ -1414,3 +1414,76 @@ fn compressed_convert_of_data_that_is_not_cluster_aligned_is_clean_and_equal() {
         );
     }
 }
+
+#[test]
+fn internal_snapshots_are_listed_like_qemu_and_survive_writes_to_the_active_layer() {
+    let sc = Scratch::new();
+    let img = sc.path("snap.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]).ok();
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0x41 0 256k", "write -P 0x42 1M 64k"],
+    )
+    .ok();
+    qemu_img(&["snapshot", "-c", "first", s(&img)]).ok();
+    qemu_img(&["snapshot", "-c", "second", s(&img)]).ok();
+    let ours = imgloop(&["info", "--output", "json", s(&img)]).ok().json();
+    let theirs = qemu_img(&["info", "--output=json", s(&img)]).ok().json();
+    assert_eq!(ours["snapshots"], theirs["snapshots"]);
+    assert_eq!(ours["snapshots"].as_array().map(|a| a.len()), Some(2));
+    let list = |out: &str| -> Vec<String> {
+        out.lines()
+            .skip_while(|l| *l != "Snapshot list:")
+            .take(4)
+            .map(str::to_string)
+            .collect()
+    };
+    let human = imgloop(&["info", s(&img)]).ok().stdout;
+    assert_eq!(
+        list(&human),
+        list(&qemu_img(&["info", s(&img)]).ok().stdout)
+    );
+    // Clusters shared with the snapshots are copied on write; the
+    // snapshots keep their data.
+    imgloop_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 0x43 100k 8k",
+            "write -z 1M 64k",
+            "discard 192k 64k",
+        ],
+    )
+    .ok();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    imgloop_io(
+        "qcow2",
+        &img,
+        &[
+            "read -P 0x41 0 100k",
+            "read -P 0x43 100k 8k",
+            "read -P 0 1M 64k",
+        ],
+    )
+    .ok();
+    let snap = sc.path("first.raw");
+    qemu_img(&[
+        "convert",
+        "-l",
+        "snapshot.name=first",
+        "-O",
+        "raw",
+        s(&img),
+        s(&snap),
+    ])
+    .ok();
+    let bytes = std::fs::read(&snap).unwrap();
+    assert!(
+        bytes[..256 << 10].iter().all(|&b| b == 0x41),
+        "snapshot data changed"
+    );
+    assert!(bytes[1 << 20..(1 << 20) + (64 << 10)]
+        .iter()
+        .all(|&b| b == 0x42));
+}

@@ -147,6 +147,31 @@ pub struct DriverInfo {
     pub format_specific: Option<serde_json::Value>,
     /// Extra lines for human-readable `info` ("Format specific information").
     pub human_lines: Vec<(String, String)>,
+    /// Internal snapshots.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// One internal snapshot, with the field names of `qemu-img info --output=json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    /// Unique ID string.
+    pub id: String,
+    /// Name (tag).
+    pub name: String,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u64,
+    /// Guest clock at creation, whole seconds.
+    pub vm_clock_sec: u64,
+    /// Guest clock at creation, nanoseconds part.
+    pub vm_clock_nsec: u64,
+    /// Instruction count at creation, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
 }
 
 /// Repair modes of `check -r`.

@@ -121,6 +121,9 @@ pub struct ImageInfo {
     /// Format-specific details.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<serde_json::Value>,
+    /// Internal snapshots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<crate::driver::SnapshotInfo>,
     /// Human-readable format-specific lines.
     #[serde(skip)]
     pub format_specific_lines: Vec<(String, String)>,
@@ -742,6 +745,7 @@ impl Image {
             backing_filename_format: self.backing_ref.as_ref().and_then(|b| b.format.clone()),
             format_specific: di.format_specific,
             format_specific_lines: di.human_lines,
+            snapshots: di.snapshots,
         }
     }
 

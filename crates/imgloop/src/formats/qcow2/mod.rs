@@ -719,6 +719,30 @@ impl Qcow2 {
         bitmap::read_directory(&*self.file, ext).ok()
     }
 
+    /// The snapshot table for `info` (empty when it cannot be read: `check`
+    /// reports that).
+    fn snapshot_infos(&self, h: &Header) -> Vec<crate::driver::SnapshotInfo> {
+        if h.nb_snapshots == 0 {
+            return Vec::new();
+        }
+        let Ok(t) = snapshot::read_table(&*self.file, h.snapshots_offset, h.nb_snapshots) else {
+            return Vec::new();
+        };
+        t.entries
+            .into_iter()
+            .map(|s| crate::driver::SnapshotInfo {
+                id: s.id,
+                name: s.name,
+                vm_state_size: s.vm_state_size,
+                date_sec: s.date_sec as u64,
+                date_nsec: s.date_nsec as u64,
+                vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+                vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+                icount: s.icount,
+            })
+            .collect()
+    }
+
     fn check_image(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
         check::check(self, repair)
     }
@@ -941,6 +965,7 @@ impl Driver for Qcow2 {
             dirty: h.incompatible_features & header::incompat::DIRTY != 0,
             format_specific: Some(serde_json::json!({"type": "qcow2", "data": data})),
             human_lines: lines,
+            snapshots: self.snapshot_infos(h),
         }
     }
 

@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub vm_clock_nsec: u64,
     /// Size of the saved VM state.
     pub vm_state_size: u64,
+    /// Instruction count at creation (extra data bytes 16..24), if recorded.
+    pub icount: Option<u64>,
 }
 
 /// Byte range of the table plus the parsed entries.
@@ -98,6 +100,9 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<Snap
             date_nsec: be32(&h, 20),
             vm_clock_nsec: be64(&h, 24),
             vm_state_size,
+            icount: (extra >= 24)
+                .then(|| be64(ex, 16))
+                .filter(|&v| v != u64::MAX),
         });
         let len = 40 + rest.len() as u64;
         pos += len.div_ceil(8) * 8;
