@@ -969,8 +969,24 @@ mod tests {
         assert!(img.probed_raw());
         // No non-raw format claims plain data, so writes pass.
         img.write(b"hello", 0).unwrap();
+        // A qcow2 magic and version in the first sector is refused, also
+        // when it is completed by a write that does not start at 0.
+        let qcow2 = [b'Q', b'F', b'I', 0xfb, 0, 0, 0, 3];
+        let e = img.write(&qcow2, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        img.write(&[0u8; 8], 0).unwrap();
+        // The magic alone (version 0) is no qcow2 header yet.
+        img.write(&qcow2[..4], 0).unwrap();
+        assert_eq!(
+            img.write(&qcow2[4..], 4).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        let mut head = [0u8; 8];
+        img.read(&mut head, 0).unwrap();
+        assert_eq!(&head[..4], b"QFI\xfb");
         let explicit = Image::open_storage(Arc::new(mem), Some("raw"), false, None).unwrap();
         assert!(!explicit.probed_raw());
+        explicit.write(&qcow2, 0).unwrap();
     }
 
     #[test]

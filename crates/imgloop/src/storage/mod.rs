@@ -79,11 +79,6 @@ pub trait Storage: Send + Sync + Debug {
     fn describe(&self) -> String;
 }
 
-/// Fills `buf` with zeroes.
-pub fn zero_fill(buf: &mut [u8]) {
-    buf.fill(0);
-}
-
 /// True when every byte of `buf` is zero (fast path for sparse detection).
 pub fn is_zero(buf: &[u8]) -> bool {
     let chunks = buf.chunks_exact(64);

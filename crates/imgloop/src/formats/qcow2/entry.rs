@@ -60,11 +60,6 @@ impl Cluster {
             _ => None,
         }
     }
-
-    /// True when the entry can be written in place (refcount is one).
-    pub fn writable_in_place(&self) -> bool {
-        matches!(self, Cluster::Normal { copied: true, .. })
-    }
 }
 
 /// Why an entry is invalid.
