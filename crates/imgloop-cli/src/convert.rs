@@ -50,7 +50,8 @@ pub struct Args {
     /// Number of parallel workers (default: the number of CPUs, 2 to 8).
     #[arg(short = 'm', value_parser = clap::value_parser!(u32).range(1..=64))]
     workers: Option<u32>,
-    /// Allow out-of-order writes to the target.
+    /// Allow out-of-order writes to the target (faster; the target's
+    /// layout then depends on thread timing).
     #[arg(short = 'W')]
     out_of_order: bool,
     /// Open the source without taking locks.
@@ -232,9 +233,10 @@ fn convert(a: &Args) -> Result<()> {
         target_zero,
         copy_offload,
         compress: a.compress,
-        // Compressed clusters are packed in completion order anyway, so
-        // -c lets workers write as soon as they finish compressing.
-        ordered: !a.out_of_order && !a.compress,
+        // Workers read and compress in parallel; the writes (and with
+        // them the allocation of host space) happen in guest order, so
+        // the target is the same whatever the number of workers.
+        ordered: !a.out_of_order,
         next_job: AtomicUsize::new(0),
         next_write: Mutex::new(0),
         turn: Condvar::new(),
@@ -336,6 +338,10 @@ impl Copier<'_> {
         buf.resize(job.len as usize, 0);
         let data = &mut buf[..job.len as usize];
         self.src.read(data, job.offset)?;
+        if self.compress {
+            let packed = self.compress_units(data, job.offset)?;
+            return self.in_turn(i, || self.write_packed(data, job.offset, &packed));
+        }
         self.in_turn(i, || self.write_data(data, job.offset, src_host))
     }
 
@@ -360,9 +366,6 @@ impl Copier<'_> {
     /// Writes `data` (guest `offset`), skipping zero runs; `src_host` is
     /// where the same bytes sit in the raw source file, for copy offload.
     fn write_data(&self, data: &[u8], offset: u64, src_host: Option<u64>) -> Result<()> {
-        if self.compress {
-            return self.write_compressed(data, offset);
-        }
         if self.sparse == 0 {
             return self.dst.write(data, offset);
         }
@@ -393,16 +396,41 @@ impl Copier<'_> {
         Ok(())
     }
 
-    fn write_compressed(&self, data: &[u8], offset: u64) -> Result<()> {
+    /// Compresses each unit of `data` (guest `offset`) that is not all
+    /// zeroes; runs in the worker, outside the write turn.
+    fn compress_units(&self, data: &[u8], offset: u64) -> Result<Vec<Packed>> {
         let unit = self.dst.compression_unit().unwrap_or(data.len() as u64) as usize;
-        for (k, piece) in data.chunks(unit).enumerate() {
+        data.chunks(unit)
+            .enumerate()
+            .map(|(k, piece)| {
+                if is_zero(piece) {
+                    Ok(Packed::Zero)
+                } else {
+                    let off = offset + (k * unit) as u64;
+                    Ok(Packed::Data(self.dst.compress(piece, off)?))
+                }
+            })
+            .collect()
+    }
+
+    /// Stores the units [`compress_units`] made, in guest order.
+    fn write_packed(&self, data: &[u8], offset: u64, packed: &[Packed]) -> Result<()> {
+        let unit = self.dst.compression_unit().unwrap_or(data.len() as u64) as usize;
+        for (k, (piece, p)) in data.chunks(unit).zip(packed).enumerate() {
             let off = offset + (k * unit) as u64;
-            if is_zero(piece) {
-                self.write_zero(off, piece.len() as u64)?;
-            } else {
-                self.dst.write_compressed(piece, off)?;
+            match p {
+                Packed::Zero => self.write_zero(off, piece.len() as u64)?,
+                Packed::Data(stream) => self.dst.write_packed(piece, stream.as_deref(), off)?,
             }
         }
         Ok(())
     }
+}
+
+/// One unit of `convert -c` output, compressed ahead of its write turn.
+enum Packed {
+    /// All zeroes: nothing to store in a new target.
+    Zero,
+    /// The compressed stream, or `None` when the unit is stored plainly.
+    Data(Option<Vec<u8>>),
 }

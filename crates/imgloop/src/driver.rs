@@ -310,16 +310,35 @@ pub trait Driver: Send + Sync {
     /// Writes `buf` at `offset`, allocating as needed.
     fn write(&self, ctx: &IoCtx, buf: &[u8], offset: u64) -> Result<()>;
 
-    /// Size of the units [`write_compressed`](Driver::write_compressed)
-    /// takes, or `None` when the format cannot store compressed data.
+    /// Size of the units [`compress`](Driver::compress) takes, or `None`
+    /// when the format cannot store compressed data.
     fn compression_unit(&self) -> Option<u64> {
         None
     }
 
-    /// Writes one whole unit of [`compression_unit`](Driver::compression_unit)
-    /// bytes compressed (stored plainly when it does not shrink). Only for
-    /// units never written before, as in `convert -c`.
-    fn write_compressed(&self, _ctx: &IoCtx, _buf: &[u8], _offset: u64) -> Result<()> {
+    /// Compresses one unit of [`compression_unit`](Driver::compression_unit)
+    /// bytes (the last unit of the disk may be shorter) in the format's
+    /// stream format. `None` when it does not shrink: the unit is then
+    /// stored plainly. Pure computation, safe to run on many threads; the
+    /// result goes to [`write_compressed`](Driver::write_compressed).
+    fn compress(&self, _unit: &[u8]) -> Result<Option<Vec<u8>>> {
+        Err(Error::unsupported(
+            "Compression not supported for this file format",
+        ))
+    }
+
+    /// Stores `packed`, the output of [`compress`](Driver::compress) for
+    /// the unit `plain` at `offset`. Only for units never written before,
+    /// as in `convert -c`; units that already have storage get `plain`
+    /// written normally. Called in guest order, the result is the same
+    /// image whatever thread compressed what.
+    fn write_compressed(
+        &self,
+        _ctx: &IoCtx,
+        _plain: &[u8],
+        _packed: &[u8],
+        _offset: u64,
+    ) -> Result<()> {
         Err(Error::unsupported(
             "Compression not supported for this file format",
         ))

@@ -567,27 +567,51 @@ impl Image {
         self.driver.compression_unit()
     }
 
-    /// Writes one unit compressed (see [`Driver::write_compressed`]). The
-    /// last unit of the disk may be shorter.
-    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable("compressed write")?;
-        self.check_bounds(offset, buf.len() as u64)?;
+    fn check_compressed_unit(&self, len: u64, offset: u64) -> Result<u64> {
+        self.check_bounds(offset, len)?;
         let unit = self.driver.compression_unit().ok_or_else(|| {
             self.err(Error::unsupported(
                 "Compression not supported for this file format",
             ))
         })?;
-        if !offset.is_multiple_of(unit)
-            || (buf.len() as u64 != unit && offset + buf.len() as u64 != self.size())
-        {
+        if !offset.is_multiple_of(unit) || (len != unit && offset + len != self.size()) {
             return Err(self.err(Error::invalid_argument(format!(
                 "compressed writes must cover whole {unit}-byte units"
             ))));
         }
+        Ok(unit)
+    }
+
+    /// Compresses one unit of guest data at `offset` for
+    /// [`write_packed`](Image::write_packed): `None` when it does not
+    /// shrink. Only computes, so many threads can compress at once while
+    /// one writes the results in guest order (deterministic images).
+    pub fn compress(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+        self.check_open()?;
+        self.check_compressed_unit(buf.len() as u64, offset)?;
+        self.driver.compress(buf).map_err(|e| self.err(e))
+    }
+
+    /// Stores one unit `buf` at `offset` as [`compress`](Image::compress)
+    /// packed it (`packed`), or plainly when `packed` is `None`.
+    pub fn write_packed(&self, buf: &[u8], packed: Option<&[u8]>, offset: u64) -> Result<()> {
+        self.check_writable("compressed write")?;
+        self.check_compressed_unit(buf.len() as u64, offset)?;
+        let Some(packed) = packed else {
+            return self.write(buf, offset);
+        };
         let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         self.driver
-            .write_compressed(&self.ctx(), buf, offset)
+            .write_compressed(&self.ctx(), buf, packed, offset)
             .map_err(|e| self.err(e))
+    }
+
+    /// Writes one unit compressed (stored plainly when it does not shrink).
+    /// The last unit of the disk may be shorter.
+    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("compressed write")?;
+        let packed = self.compress(buf, offset)?;
+        self.write_packed(buf, packed.as_deref(), offset)
     }
 
     /// Makes a range read as zeroes. With `may_unmap` the space may be freed.

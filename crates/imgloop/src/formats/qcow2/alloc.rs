@@ -240,17 +240,35 @@ impl Qcow2 {
         Ok(start * self.cluster_size)
     }
 
-    /// Allocates `len` bytes (at most a cluster) for compressed data,
-    /// packing streams into partly used clusters. Returns the byte offset.
+    /// Allocates `len` bytes (less than a cluster) for a compressed
+    /// stream and returns the byte offset. Streams are packed byte by
+    /// byte: one that does not fit in the rest of the last cluster used
+    /// continues into the next cluster when that is the one allocated
+    /// next, as the specification allows and QEMU packs them. Every
+    /// cluster a stream touches holds one reference for it.
     pub(crate) fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<u64> {
         let cs = self.cluster_size;
         let tail = m.compressed_tail;
-        if tail != 0 && !tail.is_multiple_of(cs) && (tail % cs) + len <= cs {
+        if tail != 0 && !tail.is_multiple_of(cs) {
             let c = tail / cs;
             let r = self.refcount(m, c)?;
-            self.set_refcount(m, c, r + 1)?;
-            m.compressed_tail = tail + len;
-            return Ok(tail);
+            if r < self.rc_max(m) {
+                let room = cs - tail % cs;
+                if len <= room {
+                    self.set_refcount(m, c, r + 1)?;
+                    m.compressed_tail = tail + len;
+                    return Ok(tail);
+                }
+                let next = self.alloc_clusters(m, 1)?;
+                if next == (c + 1) * cs {
+                    // Contiguous: the stream spans both clusters.
+                    self.set_refcount(m, c, r + 1)?;
+                    m.compressed_tail = tail + len;
+                    return Ok(tail);
+                }
+                m.compressed_tail = next + len;
+                return Ok(next);
+            }
         }
         let off = self.alloc_clusters(m, 1)?;
         m.compressed_tail = off + len;
@@ -363,5 +381,34 @@ mod alloc_tests {
         assert_eq!(m.free_hint, b);
         assert_eq!(q.alloc_clusters(&mut m, 1).unwrap() / 512, b);
         assert_eq!(q.alloc_clusters(&mut m, 1).unwrap() / 512, c + 3);
+    }
+}
+
+#[cfg(test)]
+mod compressed_alloc_tests {
+    use super::super::testutil::mem_image;
+
+    #[test]
+    fn compressed_streams_continue_into_the_next_cluster_when_it_is_contiguous() {
+        let (_mem, q) = mem_image(1 << 20, &[("cluster_size", "512")]);
+        let mut m = q.lock();
+        let a = q.alloc_bytes(&mut m, 300).unwrap();
+        let b = q.alloc_bytes(&mut m, 300).unwrap();
+        // The second stream starts right after the first and spans into
+        // the next cluster: both clusters hold a reference for it.
+        assert_eq!(b, a + 300);
+        let c0 = a / 512;
+        assert_eq!(q.refcount(&mut m, c0).unwrap(), 2);
+        assert_eq!(q.refcount(&mut m, c0 + 1).unwrap(), 1);
+        // A stream that fits in the rest of the cluster goes there.
+        let other = q.alloc_clusters(&mut m, 1).unwrap();
+        assert_eq!(other / 512, c0 + 2);
+        assert_eq!(q.alloc_bytes(&mut m, 100).unwrap(), a + 600);
+        assert_eq!(q.refcount(&mut m, c0 + 1).unwrap(), 2);
+        // A cluster allocated elsewhere in between breaks the run: a
+        // stream that does not fit starts fresh in the cluster it gets.
+        let d = q.alloc_bytes(&mut m, 400).unwrap();
+        assert_eq!(d, (c0 + 3) * 512, "no stream spans a foreign cluster");
+        assert_eq!(q.refcount(&mut m, c0 + 1).unwrap(), 2);
     }
 }

@@ -62,15 +62,7 @@ pub fn decompress(
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
     let limit = input.len().saturating_sub(1);
     let out = match kind {
-        CompressionType::Zlib => {
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut out = Vec::with_capacity(input.len());
-            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) => out,
-                _ => return None,
-            }
-        }
+        CompressionType::Zlib => super::deflate::deflate_raw(input, limit)?,
         CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
     };
     (out.len() <= limit).then_some(out)
@@ -127,41 +119,55 @@ pub(super) fn read_compressed(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<
     Ok(())
 }
 
-/// Stores one cluster compressed (or plainly when it does not shrink or
-/// the cluster already has storage).
-pub(super) fn write_compressed(q: &Qcow2, ctx: &IoCtx, buf: &[u8], offset: u64) -> Result<()> {
-    let cs = q.cluster_size as usize;
-    if !std::sync::Arc::ptr_eq(&q.file, &q.data) {
+/// Compresses one guest cluster (the last cluster of an odd-sized disk
+/// is padded with zeroes); `None` when it does not shrink.
+pub(super) fn compress_unit(q: &Qcow2, unit: &[u8]) -> Result<Option<Vec<u8>>> {
+    if q.external_data {
         return Err(Error::unsupported(
             "compression is not supported with an external data file",
         ));
     }
-    let padded: Vec<u8>;
-    let input: &[u8] = if buf.len() < cs {
-        // The last cluster of an odd-sized disk is padded with zeroes.
-        let mut v = vec![0u8; cs];
-        v[..buf.len()].copy_from_slice(buf);
-        padded = v;
-        &padded
-    } else {
-        buf
-    };
-    let Some(packed) = compress(q.compression, input) else {
-        return super::write::write(q, ctx, buf, offset);
-    };
-    let _claim = q.claim(offset >> q.cluster_bits);
+    let cs = q.cluster_size as usize;
+    if unit.len() == cs {
+        return Ok(compress(q.compression, unit));
+    }
+    let mut padded = vec![0u8; cs];
+    padded[..unit.len()].copy_from_slice(unit);
+    Ok(compress(q.compression, &padded))
+}
+
+/// Stores one cluster's compressed stream `packed` (or `plain` normally
+/// when the cluster already has storage).
+pub(super) fn write_compressed(
+    q: &Qcow2,
+    ctx: &IoCtx,
+    plain: &[u8],
+    packed: &[u8],
+    offset: u64,
+) -> Result<()> {
+    if q.external_data {
+        return Err(Error::unsupported(
+            "compression is not supported with an external data file",
+        ));
+    }
+    if packed.len() as u64 >= q.cluster_size {
+        return Err(Error::invalid_argument(
+            "a compressed stream must be shorter than a cluster",
+        ));
+    }
+    let claim = q.claim(offset >> q.cluster_bits);
     let mut m = q.lock();
     let (c, _) = q.lookup(&mut m, offset)?;
     if !matches!(c, Cluster::Unallocated | Cluster::Zero { host: None, .. }) {
         drop(m);
-        drop(_claim);
-        return super::write::write(q, ctx, buf, offset);
+        drop(claim);
+        return super::write::write(q, ctx, plain, offset);
     }
     q.l2_for_write(&mut m, offset)?;
     let host = q.alloc_bytes(&mut m, packed.len() as u64)?;
     // Data first; the L2 entry is updated only after it is written.
     q.file
-        .write_at(&packed, host)
+        .write_at(packed, host)
         .map_err(|e| Error::io("writing compressed data", e))?;
     *q.decompressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
     let e = entry::encode_compressed(host, packed.len() as u64, q.cluster_bits);

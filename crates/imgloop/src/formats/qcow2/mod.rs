@@ -23,6 +23,7 @@ pub mod cache;
 mod check;
 mod compress;
 mod create;
+mod deflate;
 pub mod entry;
 pub mod header;
 mod snapshot;
@@ -883,8 +884,18 @@ impl Driver for Qcow2 {
         Some(self.cluster_size)
     }
 
-    fn write_compressed(&self, ctx: &IoCtx, buf: &[u8], offset: u64) -> Result<()> {
-        compress::write_compressed(self, ctx, buf, offset)
+    fn compress(&self, unit: &[u8]) -> Result<Option<Vec<u8>>> {
+        compress::compress_unit(self, unit)
+    }
+
+    fn write_compressed(
+        &self,
+        ctx: &IoCtx,
+        plain: &[u8],
+        packed: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        compress::write_compressed(self, ctx, plain, packed, offset)
     }
 
     fn flush(&self) -> Result<()> {
