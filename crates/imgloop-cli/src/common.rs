@@ -1,6 +1,6 @@
 //! Helpers shared by the subcommands.
 
-use imgloop::{Error, Image, OpenOptions, Result};
+use imgloop::{Condition, Error, Image, OpenOptions, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,9 +24,22 @@ pub fn fail(err: &Error) -> u8 {
     1
 }
 
-/// Prints an error as one line on stderr.
+/// Prints an error as one line on stderr, with the advice a user of
+/// the command line needs for the conditions the library reports.
 pub fn report(err: &Error) {
-    eprintln!("imgloop: {err}");
+    match err.condition() {
+        Some(Condition::MarkedCorrupt) => eprintln!(
+            "imgloop: {err}; repair it with 'imgloop check -r all' (or open it read-only)"
+        ),
+        Some(Condition::ProbedRawHeader) => {
+            eprintln!("imgloop: {err}; open the image with -f raw to allow it")
+        }
+        // qemu-img's own words.
+        Some(Condition::ShrinkNotAllowed) => {
+            eprintln!("imgloop: Use the --shrink option to perform a shrink operation.")
+        }
+        _ => eprintln!("imgloop: {err}"),
+    }
 }
 
 /// Opens an image for a subcommand.

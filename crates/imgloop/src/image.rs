@@ -550,13 +550,16 @@ impl Image {
         let n = (sector.len() - start).min(buf.len());
         sector[start..start + n].copy_from_slice(&buf[..n]);
         if let Some(fmt) = registry::probe_non_raw(&sector) {
-            return Err(self.err(Error::new(
-                ErrorKind::ReadOnly,
-                format!(
-                    "write to sector 0 refused: the format was probed as raw and the new data \
-                     looks like a {fmt} header; open the image with -f raw to allow it"
-                ),
-            )));
+            return Err(self.err(
+                Error::new(
+                    ErrorKind::ReadOnly,
+                    format!(
+                        "write to sector 0 refused: the format was probed as raw and the new \
+                         data looks like a {fmt} header"
+                    ),
+                )
+                .with_condition(crate::error::Condition::ProbedRawHeader),
+            ));
         }
         Ok(())
     }
@@ -733,9 +736,13 @@ impl Image {
     pub fn resize(&self, new_size: u64, prealloc: Preallocation, allow_shrink: bool) -> Result<()> {
         self.check_writable("resize")?;
         if new_size < self.size() && !allow_shrink {
-            return Err(self.err(Error::invalid_argument(
-                "Use the --shrink option to perform a shrink operation.",
-            )));
+            return Err(self.err(
+                Error::invalid_argument(format!(
+                    "shrinking from {} to {new_size} bytes was not allowed",
+                    self.size()
+                ))
+                .with_condition(crate::error::Condition::ShrinkNotAllowed),
+            ));
         }
         let _g = self.rmw.write().unwrap_or_else(|e| e.into_inner());
         self.driver
@@ -1017,7 +1024,10 @@ mod tests {
     fn shrinking_needs_explicit_permission() {
         let (_m, img) = mem_raw(8192);
         let e = img.resize(4096, Preallocation::Off, false).unwrap_err();
-        assert!(e.to_string().contains("--shrink"));
+        assert_eq!(
+            e.condition(),
+            Some(crate::error::Condition::ShrinkNotAllowed)
+        );
         img.resize(4096, Preallocation::Off, true).unwrap();
         assert_eq!(img.size(), 4096);
     }

@@ -35,6 +35,6 @@ pub mod testkit;
 pub use driver::{
     BlockStatus, CheckReport, CreateOptions, Driver, Format, Mapping, Preallocation, RepairMode,
 };
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Condition, Error, ErrorKind, Result};
 pub use image::{create, ChainPolicy, Image, ImageInfo, OpenOptions};
 pub use map::MapEntry;

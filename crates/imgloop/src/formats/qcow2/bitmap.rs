@@ -47,7 +47,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 /// Parses a bitmap directory of `count` entries.
 pub fn parse_directory(dir: &[u8], count: u32) -> Result<Vec<Bitmap>> {
-    let bad = |at: usize, why: &str| Error::corrupt("bitmap directory", at as u64, why);
+    let bad = |at: usize, why: &'static str| Error::corrupt("bitmap directory", at as u64, why);
     let mut out = Vec::new();
     let mut pos = 0usize;
     for _ in 0..count {
@@ -90,6 +90,17 @@ pub fn read_directory(storage: &dyn Storage, ext: &[u8]) -> Result<Vec<Bitmap>> 
             "bitmaps extension",
             0,
             "bitmap directory is too large",
+        ));
+    }
+    // Bounded by the file before anything is allocated.
+    let file_len = storage
+        .len()
+        .map_err(|e| Error::io("reading image size", e))?;
+    if offset.checked_add(size).is_none_or(|end| end > file_len) {
+        return Err(Error::corrupt(
+            "bitmap directory",
+            offset,
+            "bitmap directory lies past the end of the file",
         ));
     }
     let mut dir = vec![0u8; size as usize];

@@ -598,7 +598,7 @@ impl<'a> Pass<'a> {
 
     /// The stored refcount of cluster `c`: 0 where no block covers it (or
     /// the block lies past the end of the file, which reads as zeroes).
-    fn stored(&mut self, m: &Meta, c: u64) -> std::result::Result<u64, String> {
+    fn stored(&mut self, m: &Meta, c: u64) -> Result<u64> {
         let per = self.q.rc_per_block(m);
         let bits = m.header.refcount_bits();
         let b = c / per;
@@ -610,8 +610,10 @@ impl<'a> Pass<'a> {
             return Ok(0);
         }
         if !off.is_multiple_of(self.cs) {
-            return Err(format!(
-                "refcount block {b} at {off:#x} is not cluster aligned"
+            return Err(Error::corrupt(
+                "refcount table",
+                m.header.refcount_table_offset,
+                format!("refcount block {b} at {off:#x} is not cluster aligned"),
             ));
         }
         if let Some(block) = m.rc.peek(off) {
@@ -620,7 +622,9 @@ impl<'a> Pass<'a> {
         if !self.blocks.contains_key(&off) {
             let block = self
                 .read_padded(off, self.cs)
-                .map_err(|e| format!("reading refcount block {b}: {e}"))?;
+                .map_err(|e| {
+                    Error::io(format!("reading refcount block {b}"), e).at("refcount block", off)
+                })?;
             self.blocks.insert(off, block);
         }
         Ok(Qcow2::rc_entry(&self.blocks[&off], c % per, bits))
@@ -635,7 +639,7 @@ impl<'a> Pass<'a> {
                 Ok(r) => r,
                 Err(why) => {
                     self.res.check_errors += 1;
-                    self.say(format!("Can't get refcount for cluster {c}: {why}"));
+                    self.say(format!("Can't get refcount for cluster {c}: {}", why.message()));
                     continue;
                 }
             };

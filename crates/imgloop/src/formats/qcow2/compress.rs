@@ -4,7 +4,27 @@ use super::entry::{self, Cluster};
 use super::header::CompressionType;
 use super::Qcow2;
 use crate::driver::IoCtx;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Why a compressed stream could not be decompressed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecompressError {
+    /// The deflate stream is damaged.
+    #[error("deflate stream is invalid: {0}")]
+    Deflate(#[from] flate2::DecompressError),
+    /// The zstd stream is damaged.
+    #[error("zstd stream is invalid: {0}")]
+    Zstd(std::io::Error),
+    /// The stream ends before a whole cluster was produced.
+    #[error("the stream gives {got} bytes, expected {want}")]
+    Short {
+        /// Bytes produced.
+        got: usize,
+        /// The cluster size.
+        want: usize,
+    },
+}
 
 /// Decompresses one cluster of `cs` bytes from `input` (which may carry
 /// trailing bytes past the end of the stream).
@@ -12,46 +32,33 @@ pub fn decompress(
     kind: CompressionType,
     input: &[u8],
     cs: usize,
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<Vec<u8>, DecompressError> {
     let mut out = vec![0u8; cs];
-    match kind {
+    let got = match kind {
         CompressionType::Zlib => {
             let mut d = flate2::Decompress::new(false);
-            match d.decompress(input, &mut out, flate2::FlushDecompress::Finish) {
-                Ok(_) => {}
-                Err(e) => return Err(format!("deflate stream is invalid: {e}")),
-            }
-            if d.total_out() as usize != cs {
-                return Err(format!(
-                    "deflate stream gives {} bytes, expected {cs}",
-                    d.total_out()
-                ));
-            }
+            d.decompress(input, &mut out, flate2::FlushDecompress::Finish)?;
+            d.total_out() as usize
         }
         CompressionType::Zstd => {
             use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-            let mut d = Decoder::new().map_err(|e| format!("zstd: {e}"))?;
+            let mut d = Decoder::new().map_err(DecompressError::Zstd)?;
             let mut inb = InBuffer::around(input);
             let mut outb = OutBuffer::around(&mut out[..]);
             loop {
                 let before = (inb.pos(), outb.pos());
                 let hint = d
                     .run(&mut inb, &mut outb)
-                    .map_err(|e| format!("zstd stream is invalid: {e}"))?;
-                if hint == 0 || outb.pos() == cs {
+                    .map_err(DecompressError::Zstd)?;
+                if hint == 0 || outb.pos() == cs || (inb.pos(), outb.pos()) == before {
                     break;
                 }
-                if (inb.pos(), outb.pos()) == before {
-                    return Err("zstd stream is truncated".into());
-                }
             }
-            if outb.pos() != cs {
-                return Err(format!(
-                    "zstd stream gives {} bytes, expected {cs}",
-                    outb.pos()
-                ));
-            }
+            outb.pos()
         }
+    };
+    if got != cs {
+        return Err(DecompressError::Short { got, want: cs });
     }
     Ok(out)
 }
@@ -111,7 +118,7 @@ pub(super) fn read_compressed(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<
             .read_at(&mut input, host)
             .map_err(|e| Error::io("reading compressed data", e))?;
         let data = decompress(q.compression, &input, cs as usize)
-            .map_err(|why| Error::corrupt("compressed cluster", host, why))?;
+            .map_err(|why| Error::from_source(ErrorKind::Corrupt, why).at("compressed cluster", host))?;
         part.copy_from_slice(&data[in_cluster..in_cluster + n]);
         *q.decompressed.lock().unwrap_or_else(|e| e.into_inner()) = Some((host, data.into()));
         done += n;

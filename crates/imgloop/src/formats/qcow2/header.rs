@@ -4,7 +4,7 @@
 //! stored; [`Header`] is the validated form the driver works with.
 
 use super::QcowError;
-use crate::error::{Error, Result};
+use crate::error::{Checked, Error, Result};
 use crate::storage::Storage;
 
 /// `QFI\xfb`.
@@ -441,7 +441,11 @@ impl Header {
                     "backing file name length must be 1 to 1023",
                 ));
             }
-            let end = h.backing_file_offset + h.backing_file_size as u64;
+            let end = Checked::of("header", 8).add(
+                h.backing_file_offset,
+                h.backing_file_size as u64,
+                "backing_file_offset + backing_file_size",
+            )?;
             if end > cs || end > file_len {
                 return Err(bad_field(
                     "backing_file_offset",
@@ -725,5 +729,17 @@ mod tests {
         let mem = MemStorage::from_bytes(&sample().to_bytes().unwrap()[..50]);
         let e = Header::read(&mem).unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn a_backing_name_offset_near_2_to_the_64_is_an_error_not_an_overflow() {
+        let mut bytes = sample().to_bytes().unwrap();
+        bytes[8..16].copy_from_slice(&(u64::MAX - 3).to_be_bytes());
+        bytes[16..20].copy_from_slice(&100u32.to_be_bytes());
+        let mem = MemStorage::from_bytes(&bytes);
+        mem.set_len(4 << 16).unwrap();
+        let e = Header::read(&mem).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidFormat);
+        assert!(e.to_string().contains("backing_file_offset"), "{e}");
     }
 }

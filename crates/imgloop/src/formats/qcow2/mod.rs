@@ -91,18 +91,17 @@ pub enum QcowError {
 
 impl From<QcowError> for Error {
     fn from(e: QcowError) -> Error {
-        let msg = e.to_string();
-        match e {
-            QcowError::Truncated { what, offset, .. } => {
-                Error::new(ErrorKind::InvalidFormat, msg).at(what, offset)
-            }
-            QcowError::Field { offset, .. } => {
-                Error::new(ErrorKind::InvalidFormat, msg).at("header", offset)
-            }
-            QcowError::Unsupported(_) => Error::new(ErrorKind::Unsupported, msg),
-            QcowError::Entry { table, offset, .. } => {
-                Error::new(ErrorKind::Corrupt, msg).at(table, offset)
-            }
+        let (kind, at) = match &e {
+            QcowError::Truncated { what, offset, .. } => (ErrorKind::InvalidFormat, (*what, *offset)),
+            QcowError::Field { offset, .. } => (ErrorKind::InvalidFormat, ("header", *offset)),
+            QcowError::Unsupported(_) => (ErrorKind::Unsupported, ("", 0)),
+            QcowError::Entry { table, offset, .. } => (ErrorKind::Corrupt, (*table, *offset)),
+        };
+        let err = Error::from_source(kind, e);
+        if at.0.is_empty() {
+            err
+        } else {
+            err.at(at.0, at.1)
         }
     }
 }
@@ -288,10 +287,8 @@ impl Qcow2 {
         let for_check = opts.options.contains_key(OPEN_FOR_CHECK);
         if header.incompatible_features & header::incompat::CORRUPT != 0 && !read_only && !for_check
         {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                "the image is marked corrupt; open it read-only, or repair it with 'imgloop check -r all'",
-            ));
+            return Err(Error::new(ErrorKind::Corrupt, "the image is marked corrupt")
+                .with_condition(crate::error::Condition::MarkedCorrupt));
         }
         let cs = header.cluster_size();
         let l2_cache = parse_cache_size(opts, "l2-cache-size", DEFAULT_L2_CACHE)?;
@@ -661,20 +658,19 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Marks the image corrupt on disk and refuses further writes.
-    pub(crate) fn mark_corrupt(&self, m: &mut Meta, what: &str) -> Error {
+    /// Marks the image corrupt on disk and refuses further writes; returns
+    /// `cause` (the damage found) saying so.
+    pub(crate) fn mark_corrupt(&self, m: &mut Meta, cause: Error) -> Error {
         m.corrupt = true;
         if self.v3 && !self.read_only.load(Ordering::Acquire) {
             m.header.incompatible_features |= header::incompat::CORRUPT;
             let _ = self.write_header(m);
             let _ = self.file.sync();
         }
-        Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "{what}; the image is now marked corrupt, repair it with 'imgloop check -r all'"
-            ),
-        )
+        cause
+            .with_kind(ErrorKind::Corrupt)
+            .noting("the image is now marked corrupt")
+            .with_condition(crate::error::Condition::MarkedCorrupt)
     }
 
     /// Whether the image looks like `preallocation=metadata` made it: more
@@ -1005,10 +1001,10 @@ impl Driver for Qcow2 {
             }
             let corrupt = self.lock().header.incompatible_features & header::incompat::CORRUPT != 0;
             if corrupt {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    "the image is marked corrupt; repair it with 'imgloop check -r all'",
-                ));
+                return Err(
+                    Error::new(ErrorKind::Corrupt, "the image is marked corrupt")
+                        .with_condition(crate::error::Condition::MarkedCorrupt),
+                );
             }
             self.read_only.store(false, Ordering::Release);
             self.prepare_for_writing()?;

@@ -25,10 +25,10 @@ impl Qcow2 {
 
     fn check_writable(&self, m: &Meta) -> Result<()> {
         if m.corrupt {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                "the image is marked corrupt; repair it with 'imgloop check -r all'",
-            ));
+            return Err(
+                Error::new(ErrorKind::Corrupt, "the image is marked corrupt")
+                    .with_condition(crate::error::Condition::MarkedCorrupt),
+            );
         }
         if self.read_only.load(Ordering::Acquire) {
             return Err(Error::read_only("write"));
@@ -40,7 +40,7 @@ impl Qcow2 {
     /// the image corrupt, which stops all further writes.
     fn lookup_for_write(&self, m: &mut Meta, guest: u64) -> Result<(Cluster, u64)> {
         self.lookup(m, guest).map_err(|e| match e.kind() {
-            ErrorKind::Corrupt => self.mark_corrupt(m, &e.to_string()),
+            ErrorKind::Corrupt => self.mark_corrupt(m, e),
             _ => e,
         })
     }
@@ -69,7 +69,14 @@ impl Qcow2 {
         let (i1, _) = self.indices(guest);
         let cs = self.cluster_size;
         let Some(&e) = m.l1.get(i1) else {
-            return Err(self.mark_corrupt(m, "L1 table is too small for the virtual size"));
+            return Err(self.mark_corrupt(
+                m,
+                Error::corrupt(
+                    "L1 table",
+                    m.header.l1_table_offset,
+                    "L1 table is too small for the virtual size",
+                ),
+            ));
         };
         let off = e & entry::L1_OFFSET_MASK;
         if off != 0 && e & entry::COPIED != 0 {
