@@ -170,7 +170,7 @@ fn run(input: &mut Input) -> Option<()> {
     };
     imgloop::registry::find("raw")
         .expect("raw format")
-        .create(&mem, None, &opts)
+        .create(Arc::new(mem.clone()), None, &opts)
         .expect("creating a raw image in memory");
     let img = Image::open_storage(Arc::new(mem.clone()), Some("raw"), false, None)
         .expect("opening the new raw image");

@@ -142,6 +142,7 @@ pub fn run(a: Args) -> u8 {
         read_only: repair.is_none(),
         force_share: a.force_share,
         driver_options: [(OPEN_FOR_CHECK.to_string(), "on".to_string())].into(),
+        policy: imgloop::FilePolicy::like_qemu_img(),
         ..Default::default()
     };
     let img = match Image::open(&a.file, &opts) {

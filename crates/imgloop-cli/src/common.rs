@@ -53,6 +53,8 @@ pub fn open(
         format: format.map(str::to_string),
         read_only,
         force_share,
+        // The command line follows what images name, as qemu-img does.
+        policy: imgloop::FilePolicy::like_qemu_img(),
         ..Default::default()
     };
     Image::open(path, &opts)

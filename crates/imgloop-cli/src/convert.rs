@@ -11,7 +11,7 @@
 use crate::common::{fail, parse_options, Progress};
 use imgloop::size::parse_size;
 use imgloop::storage::{copy_file_range_all, is_zero};
-use imgloop::{CreateOptions, Error, Image, Mapping, OpenOptions, Result};
+use imgloop::{CreateOptions, Error, Image, Mapping, OpenOptions, Result, StorageId};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -160,6 +160,7 @@ fn convert(a: &Args) -> Result<()> {
             format: a.format.clone(),
             read_only: true,
             force_share: a.force_share,
+            policy: imgloop::FilePolicy::like_qemu_img(),
             ..Default::default()
         },
     )?;
@@ -193,6 +194,7 @@ fn convert(a: &Args) -> Result<()> {
         &a.target,
         &OpenOptions {
             unsafe_cache: !sync_at_end,
+            policy: imgloop::FilePolicy::like_qemu_img(),
             ..OpenOptions::read_write(Some(&a.out_format))
         },
     )?;
@@ -214,8 +216,8 @@ fn convert(a: &Args) -> Result<()> {
     let copy_offload = src.format() == "raw"
         && dst.format() == "raw"
         && !a.compress
-        && src.driver().data_storage().as_file().is_some()
-        && dst.driver().data_storage().as_file().is_some();
+        && src.file_storage().as_file().is_some()
+        && dst.file_storage().as_file().is_some();
 
     let jobs = if a.compress {
         // Compressed clusters are written whole: plan on a grid of whole
@@ -327,7 +329,13 @@ impl Copier<'_> {
         // file, so the kernel can copy them (and reflink where it can).
         let src_host = match self.copy_offload {
             true => match self.src.driver().map(job.offset, job.len)? {
-                (Mapping::Data { host_offset }, n) if n >= job.len => Some(host_offset),
+                (
+                    Mapping::Data {
+                        storage: StorageId::IMAGE,
+                        offset,
+                    },
+                    n,
+                ) if n >= job.len => Some(offset),
                 _ => None,
             },
             false => None,
@@ -346,8 +354,8 @@ impl Copier<'_> {
     }
 
     fn offload(&self, src_off: u64, dst_off: u64, len: u64) -> Result<()> {
-        let src = self.src.driver().data_storage();
-        let dst = self.dst.driver().data_storage();
+        let src = self.src.file_storage();
+        let dst = self.dst.file_storage();
         let (Some(sf), Some(df)) = (src.as_file(), dst.as_file()) else {
             return Err(Error::unsupported("copy offload needs host files"));
         };

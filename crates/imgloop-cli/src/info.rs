@@ -59,13 +59,13 @@ struct FileNode {
 
 fn json_info(img: &Image) -> JsonInfo {
     let info = img.info();
-    let storage = img.driver().file_storage();
+    let storage = img.file_storage();
     let file = FileNode {
         children: Vec::new(),
         virtual_size: storage.len().unwrap_or(0),
         filename: info.filename.clone(),
         format: "file",
-        actual_size: info.actual_size,
+        actual_size: storage.allocated_size().ok().flatten(),
         format_specific: serde_json::json!({"type": "file", "data": {}}),
         dirty_flag: false,
     };

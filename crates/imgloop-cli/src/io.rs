@@ -57,6 +57,7 @@ pub fn run(a: Args) -> u8 {
                 read_only: a.read_only,
                 force_share: a.force_share,
                 driver_options,
+                policy: imgloop::FilePolicy::like_qemu_img(),
                 ..Default::default()
             },
         )

@@ -1264,7 +1264,12 @@ fn concurrent_writers_on_one_image_leave_it_clean_and_correct() {
             vec![0u8; 8 << 20]
         };
 
-        let image = Image::open(&img, &OpenOptions::read_write(Some("qcow2"))).unwrap();
+        let image = Image::open(
+            &img,
+            &OpenOptions::read_write(Some("qcow2"))
+                .with_policy(imgloop::FilePolicy::like_qemu_img()),
+        )
+        .unwrap();
         // Distinct ranges: thread t owns [t MiB, t+1 MiB) and writes runs
         // that straddle clusters, then zeroes and discards parts of them.
         let own = |t: usize| (t as u64) << 20;

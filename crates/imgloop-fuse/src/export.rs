@@ -126,7 +126,6 @@ impl ImageFs {
         let size = self.image.size();
         let allocated = self
             .image
-            .driver()
             .file_storage()
             .allocated_size()
             .ok()

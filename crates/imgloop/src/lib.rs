@@ -25,16 +25,21 @@ pub mod driver;
 pub mod error;
 pub mod formats;
 pub mod image;
+pub mod inflight;
 pub mod lock;
 pub mod map;
+pub mod policy;
 pub mod registry;
 pub mod size;
+pub mod state;
 pub mod storage;
 pub mod testkit;
 
 pub use driver::{
     BlockStatus, CheckReport, CreateOptions, Driver, Format, Mapping, Preallocation, RepairMode,
+    StorageId, WriteFlags, ZeroFlags,
 };
 pub use error::{Condition, Error, ErrorKind, Result};
-pub use image::{create, ChainPolicy, Image, ImageInfo, OpenOptions};
+pub use image::{create, Image, ImageInfo, OpenOptions};
 pub use map::MapEntry;
+pub use policy::FilePolicy;

@@ -101,6 +101,11 @@ impl ImageLock {
         Ok(lock)
     }
 
+    /// The locked file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The current mode.
     pub fn mode(&self) -> LockMode {
         self.mode

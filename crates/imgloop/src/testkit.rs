@@ -125,9 +125,8 @@ pub fn run_model_test_with(
         .collect();
     let open = |ro: bool| {
         let dopts = crate::driver::DriverOpenOptions {
-            read_only: ro,
-            path: None,
             options: options.clone(),
+            ..crate::driver::DriverOpenOptions::new(ro)
         };
         Image::open_storage_with(Arc::new(mem.clone()), Some(format), &dopts, None)
     };

@@ -1,8 +1,9 @@
 //! The raw format: the virtual disk is the file, byte for byte.
 
 use crate::driver::{
-    BlockStatus, CreateOptions, Driver, DriverInfo, DriverOpenOptions, Format, IoCtx, Mapping,
-    OptionSpec, Preallocation, ZeroFlags,
+    BlockStatus, CreateOptions, DiscardAction, DiscardMapping, Driver, DriverInfo,
+    DriverOpenOptions, Format, Mapping, OptionSpec, Preallocation, StorageId, WriteMapping,
+    ZeroAction, ZeroFlags, ZeroMapping,
 };
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -45,7 +46,7 @@ impl Format for RawFormat {
             .len()
             .map_err(|e| Error::io("reading file size", e))?;
         Ok(Box::new(RawDriver {
-            storage,
+            storages: [storage],
             size: AtomicU64::new(size),
         }))
     }
@@ -97,8 +98,15 @@ fn grow(storage: &dyn Storage, old: u64, new: u64, prealloc: Preallocation) -> R
 /// An open raw image.
 #[derive(Debug)]
 pub struct RawDriver {
-    storage: Arc<dyn Storage>,
+    /// The image file, the only storage.
+    storages: [Arc<dyn Storage>; 1],
     size: AtomicU64,
+}
+
+impl RawDriver {
+    fn storage(&self) -> &dyn Storage {
+        &*self.storages[0]
+    }
 }
 
 impl Driver for RawDriver {
@@ -106,18 +114,23 @@ impl Driver for RawDriver {
         "raw"
     }
 
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn virtual_size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
 
-    fn data_storage(&self) -> &dyn Storage {
-        &*self.storage
+    fn storages(&self) -> &[Arc<dyn Storage>] {
+        &self.storages
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         Ok((
             Mapping::Data {
-                host_offset: offset,
+                storage: StorageId::IMAGE,
+                offset,
             },
             max_len,
         ))
@@ -125,43 +138,58 @@ impl Driver for RawDriver {
 
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
         let (data, len) = self
-            .storage
+            .storage()
             .extent(offset, max_len)
             .map_err(|e| Error::io("querying allocation", e))?;
-        Ok(BlockStatus {
+        let mut s = BlockStatus::of_mapping(
+            Mapping::Data {
+                storage: StorageId::IMAGE,
+                offset,
+            },
             len,
-            allocated: true,
-            data,
-            zero: !data,
-            compressed: false,
-            offset: Some(offset),
+            None,
+        );
+        s.data = data;
+        s.zero = !data;
+        Ok(s)
+    }
+
+    fn map_write(&self, offset: u64, len: u64) -> Result<WriteMapping> {
+        Ok(WriteMapping::InPlace {
+            storage: StorageId::IMAGE,
+            offset,
+            len,
         })
     }
 
-    fn write(&self, _ctx: &IoCtx, buf: &[u8], offset: u64) -> Result<()> {
-        self.storage
-            .write_at(buf, offset)
-            .map_err(|e| Error::io("writing", e))
+    fn map_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<ZeroMapping> {
+        Ok(ZeroMapping {
+            len,
+            action: ZeroAction::Host {
+                storage: StorageId::IMAGE,
+                offset,
+            },
+            commit: None,
+        })
     }
 
-    fn write_zeroes(&self, _ctx: &IoCtx, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.storage
-            .zero_range(offset, len, flags.may_unmap)
-            .map_err(|e| Error::io("writing zeroes", e))
+    fn map_discard(&self, offset: u64, len: u64) -> Result<DiscardMapping> {
+        Ok(DiscardMapping {
+            len,
+            action: DiscardAction::PunchHole {
+                storage: StorageId::IMAGE,
+                offset,
+            },
+            commit: None,
+        })
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.storage
-            .punch_hole(offset, len)
-            .map_err(|e| Error::io("discarding", e))
-    }
-
-    fn resize(&self, _ctx: &IoCtx, new_size: u64, prealloc: Preallocation) -> Result<()> {
+    fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
         let old = self.virtual_size();
         if new_size > old {
-            grow(&*self.storage, old, new_size, prealloc)?;
+            grow(self.storage(), old, new_size, prealloc)?;
         } else {
-            self.storage
+            self.storage()
                 .set_len(new_size)
                 .map_err(|e| Error::io("truncating", e))?;
         }
@@ -252,20 +280,20 @@ mod tests {
     #[test]
     fn discard_punches_a_hole() {
         let mem = MemStorage::from_bytes(&[1u8; 65536]);
-        let d = open(&mem);
-        d.discard(0, 32768).unwrap();
+        let img =
+            crate::Image::open_storage(Arc::new(mem.clone()), Some("raw"), false, None).unwrap();
+        img.discard(0, 32768).unwrap();
         assert_eq!(mem.allocated_pages(), 8);
-        assert!(!d.block_status(0, 65536).unwrap().data);
+        assert!(!img.block_status(0, 65536).unwrap().data);
     }
 
     #[test]
     fn resize_grows_and_shrinks_the_file() {
         let mem = MemStorage::from_bytes(&[1u8; 8192]);
         let d = open(&mem);
-        d.resize(&IoCtx::none(), 1 << 20, Preallocation::Off)
-            .unwrap();
+        d.resize(1 << 20, Preallocation::Off).unwrap();
         assert_eq!((d.virtual_size(), mem.len().unwrap()), (1 << 20, 1 << 20));
-        d.resize(&IoCtx::none(), 4096, Preallocation::Off).unwrap();
+        d.resize(4096, Preallocation::Off).unwrap();
         assert_eq!(mem.to_vec(), vec![1u8; 4096]);
     }
 }

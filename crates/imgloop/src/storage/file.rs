@@ -11,12 +11,13 @@ use std::sync::{RwLock, RwLockReadGuard};
 /// A host file accessed with positional I/O (`pread`/`pwrite`).
 ///
 /// The file handle sits behind a read-write lock only so that a read-only
-/// image can be reopened read-write; I/O takes the lock shared.
+/// image can be reopened read-write; I/O takes the lock shared. Whether
+/// the image is writable is not kept here: the image's open state says,
+/// and [`Storage::reopen`] makes the descriptor match it.
 #[derive(Debug)]
 pub struct FileStorage {
     path: PathBuf,
     file: RwLock<File>,
-    writable: RwLock<bool>,
     /// Cache mode "unsafe": sync requests are ignored.
     no_sync: bool,
 }
@@ -25,23 +26,22 @@ impl FileStorage {
     /// Opens an existing file, read-only or read-write.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = open_file(path, writable, false)?;
-        Ok(FileStorage {
+        Ok(Self::from_file(path, file))
+    }
+
+    /// Wraps a file already opened (and checked) by the caller.
+    pub fn from_file(path: &Path, file: File) -> Self {
+        FileStorage {
             path: path.to_path_buf(),
             file: RwLock::new(file),
-            writable: RwLock::new(writable),
             no_sync: false,
-        })
+        }
     }
 
     /// Creates (or truncates) a file for writing.
     pub fn create(path: &Path) -> io::Result<Self> {
         let file = open_file(path, true, true)?;
-        Ok(FileStorage {
-            path: path.to_path_buf(),
-            file: RwLock::new(file),
-            writable: RwLock::new(true),
-            no_sync: false,
-        })
+        Ok(Self::from_file(path, file))
     }
 
     /// Cache mode "unsafe": makes [`Storage::sync`] a no-op, trading crash
@@ -262,14 +262,13 @@ impl Storage for FileStorage {
     }
 
     fn reopen(&self, writable: bool) -> io::Result<()> {
-        let mut cur = self.writable.write().unwrap_or_else(|e| e.into_inner());
-        if *cur == writable {
-            return Ok(());
-        }
         let new = open_file(&self.path, writable, false)?;
         *self.file.write().unwrap_or_else(|e| e.into_inner()) = new;
-        *cur = writable;
         Ok(())
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
     }
 
     fn as_file(&self) -> Option<RwLockReadGuard<'_, File>> {

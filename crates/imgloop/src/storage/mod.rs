@@ -5,9 +5,11 @@
 //! [`MemStorage`] a sparse in-memory disk used by tests and fuzzing, so the
 //! same driver code runs on both.
 
+mod crash;
 mod file;
 mod mem;
 
+pub use crash::CrashStorage;
 pub use file::{copy_file_range_all, FileStorage};
 pub use mem::MemStorage;
 
@@ -77,6 +79,11 @@ pub trait Storage: Send + Sync + Debug {
 
     /// A short description (the path, or "memory").
     fn describe(&self) -> String;
+
+    /// The host file's path, when this storage is one (for locking).
+    fn path(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// True when every byte of `buf` is zero (fast path for sparse detection).

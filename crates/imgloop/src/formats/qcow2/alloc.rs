@@ -6,17 +6,18 @@
 //! the refcount table is full, a larger table is placed right after that
 //! block, inside the same range, and the header switched to it.
 
-use super::{Meta, Qcow2};
+use super::tables::PendingFree;
+use super::{Qcow2, Tables};
 use crate::error::{Error, ErrorKind, Result};
 
 impl Qcow2 {
     /// Clusters covered by one refcount block.
-    pub(crate) fn rc_per_block(&self, m: &Meta) -> u64 {
-        self.cluster_size * 8 / m.header.refcount_bits() as u64
+    pub(crate) fn rc_per_block(&self, tables: &Tables) -> u64 {
+        self.cluster_size * 8 / tables.header.refcount_bits() as u64
     }
 
-    fn rc_max(&self, m: &Meta) -> u64 {
-        let bits = m.header.refcount_bits();
+    fn rc_max(&self, tables: &Tables) -> u64 {
+        let bits = tables.header.refcount_bits();
         if bits == 64 {
             u64::MAX
         } else {
@@ -24,22 +25,12 @@ impl Qcow2 {
         }
     }
 
-    fn load_rc_block(&self, m: &mut Meta, off: u64) -> Result<()> {
-        if m.rc.contains(off) {
+    fn load_rc_block(&self, tables: &mut Tables, off: u64) -> Result<()> {
+        if tables.rc.contains(off) {
             return Ok(());
         }
-        if let Some((victim, dirty)) = m.rc.victim_if_full() {
-            if dirty {
-                if let Some(b) = m.rc.peek(victim) {
-                    self.file
-                        .write_at(b, victim)
-                        .map_err(|e| Error::io("writing a refcount block", e))?;
-                }
-            }
-            m.rc.remove(victim);
-        }
         let b = self.read_cluster(off, "refcount block")?;
-        m.rc.insert(off, b, false);
+        tables.rc.insert(off, b, false);
         Ok(())
     }
 
@@ -77,67 +68,67 @@ impl Qcow2 {
     }
 
     /// Refcount of host cluster `c` (0 where no block covers it).
-    pub(crate) fn refcount(&self, m: &mut Meta, c: u64) -> Result<u64> {
-        let per = self.rc_per_block(m);
+    pub(crate) fn refcount(&self, tables: &mut Tables, c: u64) -> Result<u64> {
+        let per = self.rc_per_block(tables);
         let b = (c / per) as usize;
-        let Some(&off) = m.rc_table.get(b) else {
+        let Some(&off) = tables.rc_table.get(b) else {
             return Ok(0);
         };
         if off == 0 {
             return Ok(0);
         }
-        self.load_rc_block(m, off)?;
-        let bits = m.header.refcount_bits();
+        self.load_rc_block(tables, off)?;
+        let bits = tables.header.refcount_bits();
         Ok(Self::rc_entry(
-            m.rc.get(off).expect("loaded"),
+            tables.rc.get(off).expect("loaded"),
             c % per,
             bits,
         ))
     }
 
     /// Sets the refcount of host cluster `c`, creating its block if needed.
-    pub(crate) fn set_refcount(&self, m: &mut Meta, c: u64, v: u64) -> Result<()> {
-        if v > self.rc_max(m) {
+    pub(crate) fn set_refcount(&self, tables: &mut Tables, c: u64, v: u64) -> Result<()> {
+        if v > self.rc_max(tables) {
             return Err(Error::new(
                 ErrorKind::NoSpace,
                 format!(
                     "refcount overflow for cluster {c} ({}-bit refcounts)",
-                    m.header.refcount_bits()
+                    tables.header.refcount_bits()
                 ),
             ));
         }
-        let per = self.rc_per_block(m);
+        let per = self.rc_per_block(tables);
         let b = c / per;
-        let off = self.ensure_block(m, b)?;
-        self.load_rc_block(m, off)?;
-        let bits = m.header.refcount_bits();
-        let block = m.rc.get_mut(off).expect("loaded");
+        let off = self.ensure_block(tables, b)?;
+        self.load_rc_block(tables, off)?;
+        let bits = tables.header.refcount_bits();
+        let block = tables.rc.get_mut(off).expect("loaded");
         Self::set_rc_entry(block, c % per, bits, v);
-        if v == 0 && c < m.free_hint {
-            m.free_hint = c;
+        if v == 0 && c < tables.free_hint {
+            tables.free_hint = c;
         }
         Ok(())
     }
 
     /// The offset of refcount block `b`, creating it (and growing the
     /// refcount table) when it does not exist.
-    fn ensure_block(&self, m: &mut Meta, b: u64) -> Result<u64> {
-        if let Some(&off) = m.rc_table.get(b as usize) {
+    fn ensure_block(&self, tables: &mut Tables, b: u64) -> Result<u64> {
+        if let Some(&off) = tables.rc_table.get(b as usize) {
             if off != 0 {
                 return Ok(off);
             }
         }
         let cs = self.cluster_size;
-        let per = self.rc_per_block(m);
+        let per = self.rc_per_block(tables);
         let first = b * per;
         let block_off = first * cs;
         let mut block = vec![0u8; cs as usize].into_boxed_slice();
-        let bits = m.header.refcount_bits();
+        let bits = tables.header.refcount_bits();
         Self::set_rc_entry(&mut block, 0, bits, 1);
-        if b as usize >= m.rc_table.len() {
+        if b as usize >= tables.rc_table.len() {
             // Grow the table: place it right after the new block, in the
             // same range, so the new block covers it.
-            let need_entries = (b + 1).max(m.rc_table.len() as u64 * 2);
+            let need_entries = (b + 1).max(tables.rc_table.len() as u64 * 2);
             let clusters = (need_entries * 8).div_ceil(cs);
             if clusters + 1 > per {
                 return Err(Error::unsupported(
@@ -154,70 +145,61 @@ impl Qcow2 {
             for k in 0..clusters {
                 Self::set_rc_entry(&mut block, 1 + k, bits, 1);
             }
-            let mut table = m.rc_table.clone();
+            let mut table = tables.rc_table.clone();
             table.resize((clusters * cs / 8) as usize, 0);
             table[b as usize] = block_off;
-            // New block and table first, then the header that points to them.
-            self.file
+            // New block and table first, then the header that points to
+            // them. (Dirty cached blocks stay for the flush: the new table
+            // points at the same blocks as the old one.)
+            self.file()
                 .write_at(&block, block_off)
                 .map_err(|e| Error::io("writing a refcount block", e))?;
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.file
+            self.file()
                 .write_at(&bytes, table_off)
                 .map_err(|e| Error::io("writing the refcount table", e))?;
-            self.flush_refcounts(m)?;
             self.sync_file()?;
-            let old_off = m.header.refcount_table_offset;
-            let old_clusters = m.header.refcount_table_clusters as u64;
-            m.header.refcount_table_offset = table_off;
-            m.header.refcount_table_clusters = clusters as u32;
-            self.write_header(m)?;
+            let old_off = tables.header.refcount_table_offset;
+            let old_clusters = tables.header.refcount_table_clusters as u64;
+            tables.header.refcount_table_offset = table_off;
+            tables.header.refcount_table_clusters = clusters as u32;
+            self.write_header(tables)?;
             self.sync_file()?;
-            m.rc_table = table;
-            m.rc.insert(block_off, block, false);
-            m.pending_free.push((old_off, old_clusters * cs));
+            tables.rc_table = table;
+            tables.rc.insert(block_off, block, false);
+            self.release_range(tables, old_off, old_clusters * cs);
             return Ok(block_off);
         }
         // Block first, then the table entry that points to it.
-        self.file
+        self.file()
             .write_at(&block, block_off)
             .map_err(|e| Error::io("writing a refcount block", e))?;
         self.sync_file()?;
-        let entry_off = m.header.refcount_table_offset + b * 8;
-        self.file
+        let entry_off = tables.header.refcount_table_offset + b * 8;
+        self.file()
             .write_at(&block_off.to_be_bytes(), entry_off)
             .map_err(|e| Error::io("writing the refcount table", e))?;
-        m.rc_table[b as usize] = block_off;
-        if let Some((victim, dirty)) = m.rc.victim_if_full() {
-            if dirty {
-                if let Some(v) = m.rc.peek(victim) {
-                    self.file
-                        .write_at(v, victim)
-                        .map_err(|e| Error::io("writing a refcount block", e))?;
-                }
-            }
-            m.rc.remove(victim);
-        }
-        m.rc.insert(block_off, block, false);
+        tables.rc_table[b as usize] = block_off;
+        tables.rc.insert(block_off, block, false);
         Ok(block_off)
     }
 
     /// Allocates `n` contiguous clusters (refcount 1) and returns the byte
     /// offset of the first.
-    pub(crate) fn alloc_clusters(&self, m: &mut Meta, n: u64) -> Result<u64> {
-        let per = self.rc_per_block(m);
-        let mut start = m.free_hint;
+    pub(crate) fn alloc_clusters(&self, tables: &mut Tables, n: u64) -> Result<u64> {
+        let per = self.rc_per_block(tables);
+        let mut start = tables.free_hint;
         let mut first_free = None;
         let mut run = 0u64;
         let mut c = start;
         while run < n {
             let b = c / per;
-            let exists = m.rc_table.get(b as usize).is_some_and(|&o| o != 0);
+            let exists = tables.rc_table.get(b as usize).is_some_and(|&o| o != 0);
             if !exists {
                 // Creating the block takes the range's first cluster(s).
-                self.ensure_block(m, b)?;
+                self.ensure_block(tables, b)?;
             }
-            if self.refcount(m, c)? == 0 {
+            if self.refcount(tables, c)? == 0 {
                 if run == 0 {
                     start = c;
                 }
@@ -229,11 +211,11 @@ impl Qcow2 {
             c += 1;
         }
         for k in 0..n {
-            self.set_refcount(m, start + k, 1)?;
+            self.set_refcount(tables, start + k, 1)?;
         }
         // Everything below the first free cluster seen is in use; when the
         // run starts there, the clusters it takes are too.
-        m.free_hint = match first_free {
+        tables.free_hint = match first_free {
             Some(f) if f < start => f,
             _ => start + n,
         };
@@ -246,61 +228,83 @@ impl Qcow2 {
     /// continues into the next cluster when that is the one allocated
     /// next, as the specification allows and QEMU packs them. Every
     /// cluster a stream touches holds one reference for it.
-    pub(crate) fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<u64> {
+    pub(crate) fn alloc_bytes(&self, tables: &mut Tables, len: u64) -> Result<u64> {
         let cs = self.cluster_size;
-        let tail = m.compressed_tail;
+        let tail = tables.compressed_tail;
         if tail != 0 && !tail.is_multiple_of(cs) {
             let c = tail / cs;
-            let r = self.refcount(m, c)?;
-            if r < self.rc_max(m) {
+            let r = self.refcount(tables, c)?;
+            if r < self.rc_max(tables) {
                 let room = cs - tail % cs;
                 if len <= room {
-                    self.set_refcount(m, c, r + 1)?;
-                    m.compressed_tail = tail + len;
+                    self.set_refcount(tables, c, r + 1)?;
+                    tables.compressed_tail = tail + len;
                     return Ok(tail);
                 }
-                let next = self.alloc_clusters(m, 1)?;
+                let next = self.alloc_clusters(tables, 1)?;
                 if next == (c + 1) * cs {
                     // Contiguous: the stream spans both clusters.
-                    self.set_refcount(m, c, r + 1)?;
-                    m.compressed_tail = tail + len;
+                    self.set_refcount(tables, c, r + 1)?;
+                    tables.compressed_tail = tail + len;
                     return Ok(tail);
                 }
-                m.compressed_tail = next + len;
+                tables.compressed_tail = next + len;
                 return Ok(next);
             }
         }
-        let off = self.alloc_clusters(m, 1)?;
-        m.compressed_tail = off + len;
+        let off = self.alloc_clusters(tables, 1)?;
+        tables.compressed_tail = off + len;
         Ok(off)
     }
 
-    /// Drops one reference to every cluster overlapping `[off, off+len)`;
-    /// clusters reaching refcount 0 are punched out of the file.
-    pub(crate) fn apply_pending_frees(&self, m: &mut Meta) -> Result<()> {
+    /// Records that the reference to `[offset, offset + len)` is gone
+    /// (after the metadata change that dropped it): the refcounts drop at
+    /// a later flush, see [`PendingFree`].
+    pub(crate) fn release_range(&self, tables: &mut Tables, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        tables.pending_free.push(PendingFree {
+            offset,
+            len,
+            tag: self.state.requests().tag(),
+        });
+    }
+
+    /// Drops one reference to every cluster overlapping each of the first
+    /// `count` pending frees that no request in flight can still see;
+    /// clusters reaching refcount 0 are punched out of the file. The
+    /// others stay pending for a later flush.
+    pub(crate) fn apply_pending_frees(&self, tables: &mut Tables, count: usize) -> Result<()> {
         let cs = self.cluster_size;
-        let pending = std::mem::take(&mut m.pending_free);
-        for (off, len) in pending {
-            if len == 0 {
+        let count = count.min(tables.pending_free.len());
+        let now: Vec<PendingFree> = tables.pending_free.drain(..count).collect();
+        let mut later = Vec::new();
+        for f in now {
+            if !self.state.requests().is_safe(f.tag) {
+                later.push(f);
                 continue;
             }
-            let first = off / cs;
-            let last = (off + len - 1) / cs;
+            let first = f.offset / cs;
+            let last = (f.offset + f.len - 1) / cs;
             for c in first..=last {
-                let r = self.refcount(m, c)?;
+                let r = self.refcount(tables, c)?;
                 if r == 0 {
                     // Already free: metadata was inconsistent. Leave it.
                     continue;
                 }
-                self.set_refcount(m, c, r - 1)?;
+                self.set_refcount(tables, c, r - 1)?;
                 if r == 1 {
-                    if m.compressed_tail / cs == c {
-                        m.compressed_tail = 0;
+                    if tables.compressed_tail / cs == c {
+                        tables.compressed_tail = 0;
                     }
-                    let _ = self.file.punch_hole(c * cs, cs);
+                    let _ = self.file().punch_hole(c * cs, cs);
                 }
             }
         }
+        // Kept in front, in their order: they are older than anything
+        // released since.
+        tables.pending_free.splice(0..0, later);
         Ok(())
     }
 }
@@ -344,15 +348,16 @@ mod tests {
 
 #[cfg(test)]
 mod alloc_tests {
-    use super::super::testutil::mem_image;
+    use super::super::testutil::{mem_image, qcow2};
 
     #[test]
     fn allocations_continue_after_the_last_one_without_rescanning() {
-        let (_mem, q) = mem_image(1 << 20, &[("cluster_size", "512")]);
-        let mut m = q.lock();
-        let first = q.alloc_clusters(&mut m, 1).unwrap();
+        let (_mem, img) = mem_image(1 << 20, &[("cluster_size", "512")]);
+        let q = qcow2(&img);
+        let mut tables = q.tables_mut();
+        let first = q.alloc_clusters(&mut tables, 1).unwrap();
         for k in 1..2000u64 {
-            let off = q.alloc_clusters(&mut m, 1).unwrap();
+            let off = q.alloc_clusters(&mut tables, 1).unwrap();
             // Contiguous, except where a new refcount block takes a cluster.
             assert!(
                 off > first + (k - 1) * 512,
@@ -360,55 +365,57 @@ mod alloc_tests {
             );
             // The hint sits right after the last allocation: the next
             // search starts there instead of at cluster 0.
-            assert_eq!(m.free_hint, off / 512 + 1, "allocation {k}");
+            assert_eq!(tables.free_hint, off / 512 + 1, "allocation {k}");
         }
     }
 
     #[test]
     fn a_freed_cluster_is_reused_and_runs_skip_holes_that_are_too_small() {
-        let (_mem, q) = mem_image(1 << 20, &[("cluster_size", "512")]);
-        let mut m = q.lock();
-        let a = q.alloc_clusters(&mut m, 1).unwrap() / 512;
-        let b = q.alloc_clusters(&mut m, 1).unwrap() / 512;
-        let c = q.alloc_clusters(&mut m, 1).unwrap() / 512;
+        let (_mem, img) = mem_image(1 << 20, &[("cluster_size", "512")]);
+        let q = qcow2(&img);
+        let mut tables = q.tables_mut();
+        let a = q.alloc_clusters(&mut tables, 1).unwrap() / 512;
+        let b = q.alloc_clusters(&mut tables, 1).unwrap() / 512;
+        let c = q.alloc_clusters(&mut tables, 1).unwrap() / 512;
         assert_eq!((b, c), (a + 1, a + 2));
-        q.set_refcount(&mut m, b, 0).unwrap();
-        assert_eq!(m.free_hint, b);
+        q.set_refcount(&mut tables, b, 0).unwrap();
+        assert_eq!(tables.free_hint, b);
         // Two clusters do not fit in the hole: they go after c, and the
         // hole stays where the next search starts.
-        let run = q.alloc_clusters(&mut m, 2).unwrap() / 512;
+        let run = q.alloc_clusters(&mut tables, 2).unwrap() / 512;
         assert_eq!(run, c + 1);
-        assert_eq!(m.free_hint, b);
-        assert_eq!(q.alloc_clusters(&mut m, 1).unwrap() / 512, b);
-        assert_eq!(q.alloc_clusters(&mut m, 1).unwrap() / 512, c + 3);
+        assert_eq!(tables.free_hint, b);
+        assert_eq!(q.alloc_clusters(&mut tables, 1).unwrap() / 512, b);
+        assert_eq!(q.alloc_clusters(&mut tables, 1).unwrap() / 512, c + 3);
     }
 }
 
 #[cfg(test)]
 mod compressed_alloc_tests {
-    use super::super::testutil::mem_image;
+    use super::super::testutil::{mem_image, qcow2};
 
     #[test]
     fn compressed_streams_continue_into_the_next_cluster_when_it_is_contiguous() {
-        let (_mem, q) = mem_image(1 << 20, &[("cluster_size", "512")]);
-        let mut m = q.lock();
-        let a = q.alloc_bytes(&mut m, 300).unwrap();
-        let b = q.alloc_bytes(&mut m, 300).unwrap();
+        let (_mem, img) = mem_image(1 << 20, &[("cluster_size", "512")]);
+        let q = qcow2(&img);
+        let mut tables = q.tables_mut();
+        let a = q.alloc_bytes(&mut tables, 300).unwrap();
+        let b = q.alloc_bytes(&mut tables, 300).unwrap();
         // The second stream starts right after the first and spans into
         // the next cluster: both clusters hold a reference for it.
         assert_eq!(b, a + 300);
         let c0 = a / 512;
-        assert_eq!(q.refcount(&mut m, c0).unwrap(), 2);
-        assert_eq!(q.refcount(&mut m, c0 + 1).unwrap(), 1);
+        assert_eq!(q.refcount(&mut tables, c0).unwrap(), 2);
+        assert_eq!(q.refcount(&mut tables, c0 + 1).unwrap(), 1);
         // A stream that fits in the rest of the cluster goes there.
-        let other = q.alloc_clusters(&mut m, 1).unwrap();
+        let other = q.alloc_clusters(&mut tables, 1).unwrap();
         assert_eq!(other / 512, c0 + 2);
-        assert_eq!(q.alloc_bytes(&mut m, 100).unwrap(), a + 600);
-        assert_eq!(q.refcount(&mut m, c0 + 1).unwrap(), 2);
+        assert_eq!(q.alloc_bytes(&mut tables, 100).unwrap(), a + 600);
+        assert_eq!(q.refcount(&mut tables, c0 + 1).unwrap(), 2);
         // A cluster allocated elsewhere in between breaks the run: a
         // stream that does not fit starts fresh in the cluster it gets.
-        let d = q.alloc_bytes(&mut m, 400).unwrap();
+        let d = q.alloc_bytes(&mut tables, 400).unwrap();
         assert_eq!(d, (c0 + 3) * 512, "no stream spans a foreign cluster");
-        assert_eq!(q.refcount(&mut m, c0 + 1).unwrap(), 2);
+        assert_eq!(q.refcount(&mut tables, c0 + 1).unwrap(), 2);
     }
 }

@@ -1,8 +1,18 @@
 //! An LRU cache of metadata tables (L2 tables, refcount blocks), keyed by
 //! their host offset, with dirty tracking for write-back.
+//!
+//! Lookups take `&self` (the recency stamp is atomic), so readers share
+//! the cache under a read lock. The cache never writes anything itself:
+//! inserting a table evicts the least recently used *clean* table when
+//! the cache is full, and when every table is dirty it grows past its
+//! capacity until the next flush writes the dirty ones out (in the
+//! crash-safe order the driver's flush keeps) and [`trim`](TableCache::trim)
+//! can drop them. Each change of a table bumps its generation, so a flush
+//! that wrote a copy marks the table clean only if nothing changed since.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Keys are cluster-aligned host offsets: one multiply mixes them well
 /// enough, and costs far less than SipHash on the read path.
@@ -30,43 +40,52 @@ type Map = HashMap<u64, Entry, BuildHasherDefault<OffsetHasher>>;
 struct Entry {
     data: Box<[u8]>,
     dirty: bool,
-    used: u64,
+    /// Bumped on every change.
+    generation: u64,
+    /// Recency stamp, updated by lookups under a shared lock.
+    used: AtomicU64,
 }
+
+/// A copy of a dirty table taken for write-back: (offset, generation, bytes).
+pub type DirtyCopy = (u64, u64, Box<[u8]>);
 
 /// A bounded cache of cluster-sized tables.
 pub struct TableCache {
     capacity: usize,
-    tick: u64,
+    tick: AtomicU64,
     entries: Map,
 }
 
 impl TableCache {
-    /// A cache holding at most `capacity` tables (at least 2).
+    /// A cache holding at most `capacity` tables (at least 2) while they
+    /// are clean.
     pub fn new(capacity: usize) -> Self {
         TableCache {
             capacity: capacity.max(2),
-            tick: 0,
+            tick: AtomicU64::new(0),
             entries: Map::default(),
         }
     }
 
+    fn stamp(&self) -> u64 {
+        self.tick.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// The table at `offset`, if cached (marks it recently used).
-    pub fn get(&mut self, offset: u64) -> Option<&[u8]> {
-        self.tick += 1;
-        let tick = self.tick;
-        self.entries.get_mut(&offset).map(|e| {
-            e.used = tick;
+    pub fn get(&self, offset: u64) -> Option<&[u8]> {
+        self.entries.get(&offset).map(|e| {
+            e.used.store(self.stamp(), Ordering::Relaxed);
             &*e.data
         })
     }
 
     /// Mutable access to a cached table; marks it dirty.
     pub fn get_mut(&mut self, offset: u64) -> Option<&mut [u8]> {
-        self.tick += 1;
-        let tick = self.tick;
+        let stamp = self.stamp();
         self.entries.get_mut(&offset).map(|e| {
-            e.used = tick;
+            e.used.store(stamp, Ordering::Relaxed);
             e.dirty = true;
+            e.generation += 1;
             &mut *e.data
         })
     }
@@ -76,35 +95,56 @@ impl TableCache {
         self.entries.contains_key(&offset)
     }
 
-    /// The least recently used dirty table that must be written before
-    /// inserting one more table, if the cache is full and the victim is dirty.
-    pub fn victim_if_full(&self) -> Option<(u64, bool)> {
-        if self.entries.len() < self.capacity {
-            return None;
-        }
-        self.entries
-            .iter()
-            .min_by_key(|(_, e)| e.used)
-            .map(|(k, e)| (*k, e.dirty))
-    }
-
-    /// Drops a table (after it was written, if dirty).
+    /// Drops a table, dirty or not (the caller wrote it, or discards it).
     pub fn remove(&mut self, offset: u64) -> Option<Box<[u8]>> {
         self.entries.remove(&offset).map(|e| e.data)
     }
 
-    /// Inserts a table. The caller must have made room (see
-    /// [`victim_if_full`](Self::victim_if_full)).
+    /// Inserts a table (replacing one at the same offset), then drops
+    /// least recently used clean tables beyond the capacity; the new
+    /// table itself stays until a later insert or trim.
     pub fn insert(&mut self, offset: u64, data: Box<[u8]>, dirty: bool) {
-        self.tick += 1;
+        let used = AtomicU64::new(self.stamp());
+        let generation = self.entries.get(&offset).map_or(0, |e| e.generation + 1);
         self.entries.insert(
             offset,
             Entry {
                 data,
                 dirty,
-                used: self.tick,
+                generation,
+                used,
             },
         );
+        self.trim_except(Some(offset));
+    }
+
+    /// Drops least recently used clean tables until the cache is within
+    /// its capacity (or only dirty tables are left).
+    pub fn trim(&mut self) {
+        self.trim_except(None);
+    }
+
+    fn trim_except(&mut self, keep: Option<u64>) {
+        while self.entries.len() > self.capacity {
+            let victim = self
+                .entries
+                .iter()
+                .filter(|(k, e)| !e.dirty && Some(**k) != keep)
+                .min_by_key(|(_, e)| e.used.load(Ordering::Relaxed))
+                .map(|(k, _)| *k);
+            match victim {
+                Some(k) => {
+                    self.entries.remove(&k);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// True when dirty tables keep the cache past its capacity: time to
+    /// flush.
+    pub fn over_capacity(&self) -> bool {
+        self.entries.len() > self.capacity
     }
 
     /// Offsets of dirty tables, sorted (so write-back is sequential).
@@ -119,12 +159,35 @@ impl TableCache {
         v
     }
 
-    /// The data of a cached table (for write-back) without touching LRU order.
+    /// Copies of every dirty table, sorted by offset, for writing them
+    /// out without holding the lock the cache sits behind.
+    pub fn dirty_copies(&self) -> Vec<DirtyCopy> {
+        self.dirty_offsets()
+            .into_iter()
+            .map(|off| {
+                let e = &self.entries[&off];
+                (off, e.generation, e.data.clone())
+            })
+            .collect()
+    }
+
+    /// Marks a table clean after a copy of generation `generation` was
+    /// written, unless it changed since.
+    pub fn mark_clean_if(&mut self, offset: u64, generation: u64) {
+        if let Some(e) = self.entries.get_mut(&offset) {
+            if e.generation == generation {
+                e.dirty = false;
+            }
+        }
+    }
+
+    /// The data of a cached table without touching LRU order.
     pub fn peek(&self, offset: u64) -> Option<&[u8]> {
         self.entries.get(&offset).map(|e| &*e.data)
     }
 
-    /// Marks a table clean after it was written.
+    /// Marks a table clean after it was written (by a caller that holds
+    /// every lock, such as a repair).
     pub fn mark_clean(&mut self, offset: u64) {
         if let Some(e) = self.entries.get_mut(&offset) {
             e.dirty = false;
@@ -140,6 +203,16 @@ impl TableCache {
     pub fn clear(&mut self) {
         self.entries.clear();
     }
+
+    /// Number of cached tables.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -147,30 +220,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_least_recently_used_table_is_the_victim() {
+    fn the_least_recently_used_clean_table_is_dropped_first() {
         let mut c = TableCache::new(2);
         c.insert(1, vec![0u8; 4].into(), false);
-        c.insert(2, vec![0u8; 4].into(), true);
+        c.insert(2, vec![0u8; 4].into(), false);
         c.get(1);
-        assert_eq!(c.victim_if_full(), Some((2, true)));
-        c.get(2);
-        assert_eq!(c.victim_if_full(), Some((1, false)));
-        c.remove(1);
-        assert_eq!(c.victim_if_full(), None);
+        c.insert(3, vec![0u8; 4].into(), false);
+        assert!(c.contains(1) && c.contains(3) && !c.contains(2));
     }
 
     #[test]
-    fn get_mut_marks_dirty_and_dirty_offsets_are_sorted() {
-        let mut c = TableCache::new(8);
-        for off in [30, 10, 20] {
-            c.insert(off, vec![0u8; 4].into(), false);
+    fn dirty_tables_are_never_dropped_and_the_cache_grows_instead() {
+        let mut c = TableCache::new(2);
+        c.insert(1, vec![0u8; 4].into(), true);
+        c.insert(2, vec![0u8; 4].into(), true);
+        c.insert(3, vec![0u8; 4].into(), false);
+        // The clean newcomer stays (its reader needs it) until the next
+        // insert, which drops it as the only clean table.
+        assert!(c.contains(1) && c.contains(2) && c.contains(3));
+        c.insert(4, vec![0u8; 4].into(), true);
+        assert!(!c.contains(3));
+        assert_eq!(c.len(), 3);
+        assert!(c.over_capacity());
+        for (off, generation, _) in c.dirty_copies() {
+            c.mark_clean_if(off, generation);
         }
-        assert!(!c.any_dirty());
-        c.get_mut(30).unwrap()[0] = 1;
+        c.trim();
+        assert!(!c.over_capacity());
+    }
+
+    #[test]
+    fn a_table_changed_after_its_copy_was_taken_stays_dirty() {
+        let mut c = TableCache::new(8);
+        c.insert(10, vec![0u8; 4].into(), false);
         c.get_mut(10).unwrap()[0] = 1;
-        assert_eq!(c.dirty_offsets(), vec![10, 30]);
-        c.mark_clean(10);
-        assert_eq!(c.dirty_offsets(), vec![30]);
-        assert_eq!(c.peek(30).unwrap()[0], 1);
+        let copies = c.dirty_copies();
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].2[0], 1);
+        c.get_mut(10).unwrap()[0] = 2;
+        c.mark_clean_if(copies[0].0, copies[0].1);
+        assert_eq!(c.dirty_offsets(), vec![10]);
+        let again = c.dirty_copies();
+        c.mark_clean_if(again[0].0, again[0].1);
+        assert!(!c.any_dirty());
     }
 }

@@ -32,7 +32,8 @@
 //! at the end of the file, and COPIED is cleared on compressed clusters.
 
 use super::entry::{self, Cluster};
-use super::{header, read_u64_table, snapshot, Meta, Qcow2};
+use super::open::read_u64_table;
+use super::{header, snapshot, Qcow2, Tables};
 use crate::driver::{CheckReport, RepairMode};
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -52,7 +53,10 @@ const RT_RESERVED: u64 = 0x1ff;
 
 /// Checks (and with `repair`, repairs) `q` in one pass.
 pub(super) fn check(q: &Qcow2, repair: Option<RepairMode>) -> Result<CheckReport> {
-    let mut m = q.lock();
+    // A check reads and a repair writes the tables directly: no flush
+    // may run meanwhile.
+    let _serial = q.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let mut m = q.tables_mut();
     let mut p = Pass::new(q, repair)?;
     p.run(&mut m)?;
     Ok(p.res)
@@ -93,7 +97,7 @@ impl<'a> Pass<'a> {
     fn new(q: &'a Qcow2, repair: Option<RepairMode>) -> Result<Self> {
         let cs = q.cluster_size;
         let file_len = q
-            .file
+            .file()
             .len()
             .map_err(|e| Error::io("reading image size", e))?;
         if file_len.div_ceil(cs) > MAX_CHECK_CLUSTERS {
@@ -182,13 +186,13 @@ impl<'a> Pass<'a> {
         let mut buf = vec![0u8; len as usize].into_boxed_slice();
         if off < self.file_len {
             let n = (self.file_len - off).min(len) as usize;
-            self.q.file.read_at(&mut buf[..n], off)?;
+            self.q.file().read_at(&mut buf[..n], off)?;
         }
         Ok(buf)
     }
 
     /// An L2 table, from the cache when it is there.
-    fn read_l2(&self, m: &Meta, off: u64) -> std::io::Result<Box<[u8]>> {
+    fn read_l2(&self, m: &Tables, off: u64) -> std::io::Result<Box<[u8]>> {
         match m.l2.peek(off) {
             Some(t) => Ok(t.into()),
             None => self.read_padded(off, self.cs),
@@ -207,7 +211,7 @@ impl<'a> Pass<'a> {
         }
     }
 
-    fn run(&mut self, m: &mut Meta) -> Result<()> {
+    fn run(&mut self, m: &mut Tables) -> Result<()> {
         let size = self.q.size.load(std::sync::atomic::Ordering::Acquire);
         self.res.total_clusters = Some(size.div_ceil(self.cs));
         self.count(m);
@@ -239,7 +243,7 @@ impl<'a> Pass<'a> {
                 }
                 m.corrupt = false;
             }
-            self.q.flush_meta(m)?;
+            self.q.flush_held(m)?;
             self.q.sync_file()?;
         }
         Ok(())
@@ -252,7 +256,7 @@ impl<'a> Pass<'a> {
     }
 
     /// Step 1: counts every reference.
-    fn count(&mut self, m: &Meta) {
+    fn count(&mut self, m: &Tables) {
         let cs = self.cs;
         let h = m.header.clone();
         self.inc_or_report(0, cs);
@@ -261,7 +265,7 @@ impl<'a> Pass<'a> {
         self.walk_l1(m, &l1, h.l1_table_offset, true);
 
         if h.nb_snapshots > 0 {
-            match snapshot::read_table(&*self.q.file, h.snapshots_offset, h.nb_snapshots) {
+            match snapshot::read_table(self.q.file(), h.snapshots_offset, h.nb_snapshots) {
                 Ok(t) => {
                     self.inc_or_report(h.snapshots_offset, t.bytes);
                     for snap in &t.entries {
@@ -276,7 +280,7 @@ impl<'a> Pass<'a> {
                         }
                         self.inc_or_report(snap.l1_table_offset, snap.l1_size as u64 * 8);
                         match read_u64_table(
-                            &*self.q.file,
+                            self.q.file(),
                             snap.l1_table_offset,
                             snap.l1_size as u64,
                             "snapshot L1 table",
@@ -337,7 +341,7 @@ impl<'a> Pass<'a> {
     }
 
     /// Walks one L1 table and its L2 tables; `active` collects statistics.
-    fn walk_l1(&mut self, m: &Meta, l1: &[u64], l1_off: u64, active: bool) {
+    fn walk_l1(&mut self, m: &Tables, l1: &[u64], l1_off: u64, active: bool) {
         let cs = self.cs;
         let fix = self.fix_entries;
         for (i, &orig) in l1.iter().enumerate() {
@@ -583,7 +587,7 @@ impl<'a> Pass<'a> {
             self.inc_or_report(b.table_offset, table_size * 8);
             if table_size <= (1 << 24) {
                 if let Ok(t) =
-                    read_u64_table(&*self.q.file, b.table_offset, table_size, "bitmap table")
+                    read_u64_table(self.q.file(), b.table_offset, table_size, "bitmap table")
                 {
                     for v in t {
                         let off = v & entry::L2_OFFSET_MASK;
@@ -598,7 +602,7 @@ impl<'a> Pass<'a> {
 
     /// The stored refcount of cluster `c`: 0 where no block covers it (or
     /// the block lies past the end of the file, which reads as zeroes).
-    fn stored(&mut self, m: &Meta, c: u64) -> Result<u64> {
+    fn stored(&mut self, m: &Tables, c: u64) -> Result<u64> {
         let per = self.q.rc_per_block(m);
         let bits = m.header.refcount_bits();
         let b = c / per;
@@ -620,11 +624,9 @@ impl<'a> Pass<'a> {
             return Ok(Qcow2::rc_entry(block, c % per, bits));
         }
         if !self.blocks.contains_key(&off) {
-            let block = self
-                .read_padded(off, self.cs)
-                .map_err(|e| {
-                    Error::io(format!("reading refcount block {b}"), e).at("refcount block", off)
-                })?;
+            let block = self.read_padded(off, self.cs).map_err(|e| {
+                Error::io(format!("reading refcount block {b}"), e).at("refcount block", off)
+            })?;
             self.blocks.insert(off, block);
         }
         Ok(Qcow2::rc_entry(&self.blocks[&off], c % per, bits))
@@ -632,14 +634,17 @@ impl<'a> Pass<'a> {
 
     /// Step 2: stored against counted refcounts. Sets `rebuild` when a
     /// referenced cluster has refcount 0.
-    fn compare(&mut self, m: &Meta) -> Vec<Mismatch> {
+    fn compare(&mut self, m: &Tables) -> Vec<Mismatch> {
         let mut out = Vec::new();
         for c in 0..self.refs.len() as u64 {
             let stored = match self.stored(m, c) {
                 Ok(r) => r,
                 Err(why) => {
                     self.res.check_errors += 1;
-                    self.say(format!("Can't get refcount for cluster {c}: {}", why.message()));
+                    self.say(format!(
+                        "Can't get refcount for cluster {c}: {}",
+                        why.message()
+                    ));
                     continue;
                 }
             };
@@ -678,7 +683,7 @@ impl<'a> Pass<'a> {
     /// are set to the counted value.
     fn fix_refcounts(
         &mut self,
-        m: &mut Meta,
+        m: &mut Tables,
         mismatches: &[Mismatch],
         mode: RepairMode,
     ) -> Result<()> {
@@ -706,7 +711,7 @@ impl<'a> Pass<'a> {
 
     /// Step 3 with a rebuild: a new refcount structure from the counts, then
     /// the entry repairs, a recount, and the old structure freed.
-    fn rebuild_and_recount(&mut self, m: &mut Meta, mismatches: &[Mismatch]) -> Result<()> {
+    fn rebuild_and_recount(&mut self, m: &mut Tables, mismatches: &[Mismatch]) -> Result<()> {
         self.report(mismatches);
         let (old_corruptions, old_leaks) = (self.res.corruptions, self.res.leaks);
         self.say("Rebuilding refcount structure".into());
@@ -716,7 +721,7 @@ impl<'a> Pass<'a> {
         // Recount on the repaired image.
         self.file_len = self
             .q
-            .file
+            .file()
             .len()
             .map_err(|e| Error::io("reading image size", e))?;
         self.refs = vec![0; self.file_len.div_ceil(self.cs) as usize];
@@ -749,11 +754,11 @@ impl<'a> Pass<'a> {
     }
 
     /// Writes the L1 and L2 entry repairs found while walking.
-    fn apply_entry_fixes(&mut self, m: &mut Meta) -> Result<()> {
+    fn apply_entry_fixes(&mut self, m: &mut Tables) -> Result<()> {
         let q = self.q;
         let io = |what: &'static str| move |e| Error::io(what, e);
         for (off, table) in std::mem::take(&mut self.l2_fixes) {
-            q.file
+            q.file()
                 .write_at(&table, off)
                 .map_err(io("writing a repaired L2 table"))?;
             if m.l2.remove(off).is_some() {
@@ -761,7 +766,7 @@ impl<'a> Pass<'a> {
             }
         }
         for (l1_off, i, v, active) in std::mem::take(&mut self.l1_fixes) {
-            q.file
+            q.file()
                 .write_at(&v.to_be_bytes(), l1_off + i as u64 * 8)
                 .map_err(io("writing a repaired L1 entry"))?;
             if active {
@@ -774,7 +779,7 @@ impl<'a> Pass<'a> {
     /// Builds a refcount structure for the counted references: blocks first,
     /// then the table, each in the first free clusters; switches the header
     /// to it. The old structure stays counted until the recount frees it.
-    fn write_new_refcounts(&mut self, m: &mut Meta) -> Result<()> {
+    fn write_new_refcounts(&mut self, m: &mut Tables) -> Result<()> {
         let q = self.q;
         let cs = self.cs;
         let bits = m.header.refcount_bits();
@@ -841,14 +846,14 @@ impl<'a> Pass<'a> {
                     Qcow2::set_rc_entry(&mut block, i as u64, bits, r as u64);
                 }
             }
-            q.file
+            q.file()
                 .write_at(&block, c * cs)
                 .map_err(io("writing a refcount block"))?;
             entries[b] = c * cs;
         }
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
         let table_off = table_start as u64 * cs;
-        q.file
+        q.file()
             .write_at(&bytes, table_off)
             .map_err(io("writing the refcount table"))?;
         q.sync_file()?;
@@ -866,7 +871,7 @@ impl<'a> Pass<'a> {
 
     /// Step 4: COPIED must be set exactly on active L1 and L2 entries whose
     /// cluster has refcount 1.
-    fn check_copied(&mut self, m: &mut Meta) -> Result<()> {
+    fn check_copied(&mut self, m: &mut Tables) -> Result<()> {
         let q = self.q;
         let cs = self.cs;
         let fix = self.repair == Some(RepairMode::All);
@@ -887,7 +892,7 @@ impl<'a> Pass<'a> {
                     format!("OFLAG_COPIED L2 cluster: l1_index={i1} l1_entry={e:x} refcount={r}");
                 if fix {
                     let v = e ^ entry::COPIED;
-                    q.file
+                    q.file()
                         .write_at(&v.to_be_bytes(), l1_off + i1 as u64 * 8)
                         .map_err(|e| Error::io("writing the L1 table", e))?;
                     m.l1[i1] = v;

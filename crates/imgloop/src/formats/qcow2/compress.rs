@@ -3,7 +3,6 @@
 use super::entry::{self, Cluster};
 use super::header::CompressionType;
 use super::Qcow2;
-use crate::driver::IoCtx;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Why a compressed stream could not be decompressed.
@@ -47,9 +46,7 @@ pub fn decompress(
             let mut outb = OutBuffer::around(&mut out[..]);
             loop {
                 let before = (inb.pos(), outb.pos());
-                let hint = d
-                    .run(&mut inb, &mut outb)
-                    .map_err(DecompressError::Zstd)?;
+                let hint = d.run(&mut inb, &mut outb).map_err(DecompressError::Zstd)?;
                 if hint == 0 || outb.pos() == cs || (inb.pos(), outb.pos()) == before {
                     break;
                 }
@@ -83,10 +80,7 @@ pub(super) fn read_compressed(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<
         let pos = offset + done as u64;
         let in_cluster = (pos & (cs - 1)) as usize;
         let n = (cs as usize - in_cluster).min(buf.len() - done);
-        let (c, _) = {
-            let mut m = q.lock();
-            q.lookup(&mut m, pos)?
-        };
+        let (c, _) = q.walk(|tables, fetched| q.lookup_cached(tables, pos, fetched))?;
         let Cluster::Compressed { host, len } = c else {
             return Err(Error::corrupt("L2 table", 0, "cluster is not compressed"));
         };
@@ -102,7 +96,7 @@ pub(super) fn read_compressed(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<
             }
         }
         let file_len = q
-            .file
+            .file()
             .len()
             .map_err(|e| Error::io("reading image size", e))?;
         if host >= file_len {
@@ -114,11 +108,12 @@ pub(super) fn read_compressed(q: &Qcow2, buf: &mut [u8], offset: u64) -> Result<
         }
         let avail = len.min(file_len - host).min(2 * cs) as usize;
         let mut input = vec![0u8; avail];
-        q.file
+        q.file()
             .read_at(&mut input, host)
             .map_err(|e| Error::io("reading compressed data", e))?;
-        let data = decompress(q.compression, &input, cs as usize)
-            .map_err(|why| Error::from_source(ErrorKind::Corrupt, why).at("compressed cluster", host))?;
+        let data = decompress(q.compression, &input, cs as usize).map_err(|why| {
+            Error::from_source(ErrorKind::Corrupt, why).at("compressed cluster", host)
+        })?;
         part.copy_from_slice(&data[in_cluster..in_cluster + n]);
         *q.decompressed.lock().unwrap_or_else(|e| e.into_inner()) = Some((host, data.into()));
         done += n;
@@ -143,15 +138,9 @@ pub(super) fn compress_unit(q: &Qcow2, unit: &[u8]) -> Result<Option<Vec<u8>>> {
     Ok(compress(q.compression, &padded))
 }
 
-/// Stores one cluster's compressed stream `packed` (or `plain` normally
-/// when the cluster already has storage).
-pub(super) fn write_compressed(
-    q: &Qcow2,
-    ctx: &IoCtx,
-    plain: &[u8],
-    packed: &[u8],
-    offset: u64,
-) -> Result<()> {
+/// Stores one cluster's compressed stream `packed`; false (nothing
+/// stored) when the cluster already has storage.
+pub(super) fn write_compressed(q: &Qcow2, packed: &[u8], offset: u64) -> Result<bool> {
     if q.external_data {
         return Err(Error::unsupported(
             "compression is not supported with an external data file",
@@ -162,24 +151,31 @@ pub(super) fn write_compressed(
             "a compressed stream must be shorter than a cluster",
         ));
     }
-    let claim = q.claim(offset >> q.cluster_bits);
-    let mut m = q.lock();
-    let (c, _) = q.lookup(&mut m, offset)?;
-    if !matches!(c, Cluster::Unallocated | Cluster::Zero { host: None, .. }) {
-        drop(m);
-        drop(claim);
-        return super::write::write(q, ctx, plain, offset);
-    }
-    q.l2_for_write(&mut m, offset)?;
-    let host = q.alloc_bytes(&mut m, packed.len() as u64)?;
-    // Data first; the L2 entry is updated only after it is written.
-    q.file
+    let _claim = q.units.lock(offset >> q.cluster_bits);
+    let host = {
+        let mut tables = q.tables_mut();
+        if tables.corrupt || q.read_only() {
+            return Err(Error::read_only("compressed write"));
+        }
+        let (c, _) = q.lookup(&mut tables, offset)?;
+        if !matches!(c, Cluster::Unallocated | Cluster::Zero { host: None, .. }) {
+            return Ok(false);
+        }
+        q.l2_for_write(&mut tables, offset)?;
+        q.alloc_bytes(&mut tables, packed.len() as u64)?
+    };
+    // Data first, without the lock; the L2 entry only after it is written.
+    q.file()
         .write_at(packed, host)
         .map_err(|e| Error::io("writing compressed data", e))?;
-    *q.decompressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    let e = entry::encode_compressed(host, packed.len() as u64, q.cluster_bits);
-    q.set_l2(&mut m, offset, e, 0)?;
-    Ok(())
+    {
+        let mut tables = q.tables_mut();
+        *q.decompressed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let e = entry::encode_compressed(host, packed.len() as u64, q.cluster_bits);
+        q.set_l2(&mut tables, offset, e, 0)?;
+    }
+    q.flush_if_over_capacity()?;
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -293,33 +293,36 @@ fn preallocate(
     mode: Preallocation,
 ) -> Result<()> {
     let opts = DriverOpenOptions {
-        read_only: false,
-        ..Default::default()
+        path: path.map(Path::to_path_buf),
+        // The data file was just named by the caller and created here.
+        policy: crate::policy::FilePolicy::like_qemu_img(),
+        ..DriverOpenOptions::new(false)
     };
-    let q = Qcow2::open(storage, &opts, path.and_then(Path::parent))?;
+    let q = Qcow2::open(storage, &opts)?;
     let cs = q.cluster_size;
     let mut end = 0;
     let mut g = 0;
     while g < size {
-        let mut m = q.lock();
+        let mut tables = q.tables_mut();
         // The L2 table first, so tables sit before the data they map and
         // the data clusters are contiguous.
-        q.l2_for_write(&mut m, g)?;
-        let host = if Arc::ptr_eq(&q.file, &q.data) {
-            q.alloc_clusters(&mut m, 1)?
-        } else {
+        q.l2_for_write(&mut tables, g)?;
+        let host = if q.external_data {
             g
+        } else {
+            q.alloc_clusters(&mut tables, 1)?
         };
         let bitmap = if q.ext_l2 { super::entry::ALL_ALLOC } else { 0 };
-        q.set_l2(&mut m, g, host | super::entry::COPIED, bitmap)?;
+        q.set_l2(&mut tables, g, host | super::entry::COPIED, bitmap)?;
         end = end.max(host + cs);
         g += cs;
+        if tables.l2.over_capacity() {
+            drop(tables);
+            q.flush_meta()?;
+        }
     }
-    {
-        let mut m = q.lock();
-        q.flush_meta(&mut m)?;
-    }
-    let data = &q.data;
+    q.flush_meta()?;
+    let data = q.data();
     let io = |what: &'static str| move |e| Error::io(what, e);
     let end = end.max(data.len().map_err(io("reading file size"))?);
     match mode {

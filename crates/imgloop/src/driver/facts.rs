@@ -1,0 +1,232 @@
+//! Facts drivers report and options they take: `info` details, check
+//! reports, create and open options.
+
+use super::Format;
+use crate::error::{Error, Result};
+use crate::policy::FilePolicy;
+use crate::state::OpenState;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Preallocation modes for create and resize.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preallocation {
+    /// Sparse: allocate nothing up front.
+    #[default]
+    Off,
+    /// Allocate metadata only (formats with metadata).
+    Metadata,
+    /// Reserve space with `fallocate`.
+    Falloc,
+    /// Write zeroes to every byte.
+    Full,
+}
+
+impl std::str::FromStr for Preallocation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(Preallocation::Off),
+            "metadata" => Ok(Preallocation::Metadata),
+            "falloc" => Ok(Preallocation::Falloc),
+            "full" => Ok(Preallocation::Full),
+            other => Err(Error::invalid_argument(format!(
+                "invalid preallocation mode '{other}' (expected off, metadata, falloc or full)"
+            ))),
+        }
+    }
+}
+
+/// A backing file reference stored in an image header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingRef {
+    /// The file name as stored in the image (may be relative to the image).
+    pub filename: String,
+    /// The backing format as stored, if any.
+    pub format: Option<String>,
+}
+
+/// Format-level facts for `info`.
+#[derive(Clone, Debug, Default)]
+pub struct DriverInfo {
+    /// Cluster (allocation unit) size, for formats that have one.
+    pub cluster_size: Option<u64>,
+    /// The image was not closed cleanly.
+    pub dirty: bool,
+    /// `format-specific` object of `qemu-img info --output=json`
+    /// (`{"type": FORMAT, "data": {...}}`), if the format has details.
+    pub format_specific: Option<serde_json::Value>,
+    /// Extra lines for human-readable `info` ("Format specific information").
+    pub human_lines: Vec<(String, String)>,
+    /// Internal snapshots.
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// One internal snapshot, with the field names of `qemu-img info --output=json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    /// Unique ID string.
+    pub id: String,
+    /// Name (tag).
+    pub name: String,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u64,
+    /// Guest clock at creation, whole seconds.
+    pub vm_clock_sec: u64,
+    /// Guest clock at creation, nanoseconds part.
+    pub vm_clock_nsec: u64,
+    /// Instruction count at creation, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+/// Repair modes of `check -r`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Repair leaked clusters only.
+    Leaks,
+    /// Repair leaks and corruptions.
+    All,
+}
+
+/// Result of a consistency check; field names follow `qemu-img check --output=json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckReport {
+    /// Internal errors that kept the check from completing.
+    pub check_errors: u64,
+    /// Corruptions found (and not repaired).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions: u64,
+    /// Leaked clusters found (and not repaired).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leaks: u64,
+    /// Corruptions repaired.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leaks_fixed: u64,
+    /// End of the image's used area in the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_end_offset: Option<u64>,
+    /// Guest clusters in the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_clusters: Option<u64>,
+    /// Guest clusters allocated in this layer.
+    #[serde(skip_serializing_if = "none_or_zero")]
+    pub allocated_clusters: Option<u64>,
+    /// Allocated guest clusters not contiguous with the previous one.
+    #[serde(skip_serializing_if = "none_or_zero")]
+    pub fragmented_clusters: Option<u64>,
+    /// Compressed guest clusters.
+    #[serde(skip_serializing_if = "none_or_zero")]
+    pub compressed_clusters: Option<u64>,
+    /// Human-readable findings, one per line.
+    #[serde(skip)]
+    pub messages: Vec<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn none_or_zero(v: &Option<u64>) -> bool {
+    matches!(v, None | Some(0))
+}
+
+/// Options for [`Format::open`](super::Format::open), besides the storage.
+#[derive(Clone, Debug)]
+pub struct DriverOpenOptions {
+    /// The image's open state (read-only or read-write, requests in
+    /// flight), shared with the generic layer.
+    pub state: Arc<OpenState>,
+    /// Where the image file is (for companion files such as external data
+    /// files), when it is a file.
+    pub path: Option<std::path::PathBuf>,
+    /// Driver-specific options (`key=value`, e.g. `l2-cache-size`).
+    pub options: BTreeMap<String, String>,
+    /// Which files the image may make the driver open (data files).
+    pub policy: FilePolicy,
+}
+
+impl Default for DriverOpenOptions {
+    /// Read-write, no path, no options, the safe default policy.
+    fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl DriverOpenOptions {
+    /// Options for a read-only or read-write open with a fresh state.
+    pub fn new(read_only: bool) -> Self {
+        DriverOpenOptions {
+            state: OpenState::new(read_only),
+            path: None,
+            options: BTreeMap::new(),
+            policy: FilePolicy::default(),
+        }
+    }
+
+    /// True when the image is opened without write access.
+    pub fn read_only(&self) -> bool {
+        self.state.is_read_only()
+    }
+}
+
+/// Options for [`Format::create`].
+#[derive(Clone, Debug, Default)]
+pub struct CreateOptions {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// `-o key=value` options, checked against [`Format::create_options`](super::Format::create_options).
+    pub options: BTreeMap<String, String>,
+    /// Backing file (`-b`).
+    pub backing_file: Option<String>,
+    /// Backing file format (`-F`).
+    pub backing_format: Option<String>,
+}
+
+impl CreateOptions {
+    /// Fails on any option the format does not list.
+    pub fn check_known(&self, format: &dyn Format) -> Result<()> {
+        let known = format.create_options();
+        for key in self.options.keys() {
+            if !known.iter().any(|o| o.name == key) {
+                return Err(Error::invalid_argument(format!(
+                    "invalid parameter '{key}' for format '{}'",
+                    format.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A typed option value, or `None` when not given.
+    pub fn get<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>> {
+        match self.options.get(key) {
+            None => Ok(None),
+            Some(v) => v.parse::<T>().map(Some).map_err(|_| {
+                Error::invalid_argument(format!("invalid value '{v}' for option '{key}'"))
+            }),
+        }
+    }
+}
+
+/// Describes one `-o` option of a format (for `-o help` and validation).
+#[derive(Clone, Copy, Debug)]
+pub struct OptionSpec {
+    /// Option name.
+    pub name: &'static str,
+    /// Value type: "size", "bool", "string", "number".
+    pub kind: &'static str,
+    /// One-line description.
+    pub help: &'static str,
+}

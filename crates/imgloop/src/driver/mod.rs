@@ -1,0 +1,281 @@
+//! The driver API every image format implements.
+//!
+//! A format plugs in with two objects:
+//! - a [`Format`]: its name, a probe, `open` and `create` (stateless, one
+//!   static instance in the [registry](crate::registry));
+//! - a [`Driver`]: one open image. It answers *where does a guest byte
+//!   live*: for reads ([`Driver::map`]), for writes ([`Driver::map_write`]:
+//!   an existing place, or one it just reserved), for write-zeroes and
+//!   discard ([`Driver::map_zeroes`], [`Driver::map_discard`]: what the
+//!   range becomes), and publishes its metadata once the data is in place
+//!   ([`Driver::commit`]).
+//!
+//! The generic layer ([`crate::Image`]) does everything formats share:
+//! bounds checks, request splitting, read-only enforcement, reading
+//! unallocated ranges from the backing image, copy-on-write of the parts
+//! of an allocation unit a write does not cover, read-modify-write for
+//! formats with a request alignment, and all data I/O for mapped ranges.
+//! Data is always written before the metadata that points to it is
+//! published. `docs/DESIGN.md` follows a read and an allocating write
+//! through these steps.
+
+mod facts;
+mod mapping;
+
+pub use facts::{
+    BackingRef, CheckReport, CreateOptions, DriverInfo, DriverOpenOptions, OptionSpec,
+    Preallocation, RepairMode, SnapshotInfo,
+};
+pub use mapping::{
+    Allocation, BlockStatus, Commit, DiscardAction, DiscardMapping, Fill, Mapping, StorageId,
+    WriteFlags, WriteMapping, ZeroAction, ZeroFlags, ZeroMapping,
+};
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use std::path::Path;
+use std::sync::Arc;
+
+/// What a driver may use while it stores transformed data: the backing
+/// image, for the parts of a unit a partial write does not cover.
+pub struct IoCtx<'a> {
+    pub(crate) backing: Option<&'a crate::Image>,
+}
+
+impl IoCtx<'_> {
+    /// A context with no backing image.
+    pub fn none() -> IoCtx<'static> {
+        IoCtx { backing: None }
+    }
+
+    /// Reads guest data of the layer below: the backing image, or zeroes
+    /// where there is none or it is shorter than the request.
+    pub fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self.backing {
+            Some(b) => b.read_zero_extended(buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// True when there is a backing image.
+    pub fn has_backing(&self) -> bool {
+        self.backing.is_some()
+    }
+}
+
+/// One open image of some format.
+///
+/// Every method takes `&self` and may be called from several threads at
+/// once; drivers keep metadata behind their own locks, and take only
+/// shared locks on the read path. Requests reaching a driver are inside
+/// the virtual disk.
+pub trait Driver: Send + Sync {
+    /// The format name (`raw`, `qcow2`, ...).
+    fn format_name(&self) -> &'static str;
+
+    /// The driver as [`Any`](std::any::Any), for callers that need the
+    /// concrete type (format-specific calls, tests).
+    fn as_any(&self) -> &dyn std::any::Any;
+
+    /// Size of the virtual disk in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Logical sector size the image presents to guests.
+    fn sector_size(&self) -> u32 {
+        512
+    }
+
+    /// Granularity of writes the driver can take: the generic layer turns
+    /// smaller or unaligned writes into read-modify-write of whole units
+    /// (for formats whose transformed data comes in sectors).
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+
+    /// Every storage the image keeps data or metadata in. A
+    /// [`StorageId`] is an index into this list; index 0 is the image
+    /// file. Sync, `actual-size` and locking cover all of them.
+    fn storages(&self) -> &[Arc<dyn Storage>];
+
+    /// Where the guest range starting at `offset` lives, and for how many
+    /// bytes (1..=`max_len`) that answer holds.
+    fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
+
+    /// Reads a range [`map`](Driver::map) called [`Mapping::Compressed`]
+    /// or [`Mapping::Encrypted`].
+    fn read_transformed(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported(
+            "this format has no compressed or encrypted data",
+        ))
+    }
+
+    /// Block status of the range at `offset` (at most `max_len` bytes).
+    /// The default derives it from [`map`](Driver::map).
+    fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
+        let (m, len) = self.map(offset, max_len)?;
+        Ok(BlockStatus::of_mapping(m, len, None))
+    }
+
+    /// Where the bytes of a write of `len` bytes at `offset` go (for a
+    /// prefix of the request): an existing writable place, or one the
+    /// driver just reserved, with what must be copied around the write
+    /// first. The driver changes no metadata that readers see until
+    /// [`commit`](Driver::commit).
+    fn map_write(&self, offset: u64, len: u64) -> Result<WriteMapping>;
+
+    /// Publishes what an [`Allocation`], [`ZeroMapping`] or
+    /// [`DiscardMapping`] reserved, once the generic layer wrote the data.
+    fn commit(&self, _commit: Commit) -> Result<()> {
+        Err(Error::unsupported("this driver has nothing to commit"))
+    }
+
+    /// Gives up what a mapping reserved (the data write failed).
+    fn abort(&self, _commit: Commit) {}
+
+    /// Stores a range [`map_write`](Driver::map_write) answered with
+    /// [`WriteMapping::Transformed`].
+    fn write_transformed(&self, _ctx: &IoCtx, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::unsupported(
+            "this format has no compressed or encrypted data",
+        ))
+    }
+
+    /// Size of the units [`compress`](Driver::compress) takes, or `None`
+    /// when the format cannot store compressed data.
+    fn compression_unit(&self) -> Option<u64> {
+        None
+    }
+
+    /// Compresses one unit of [`compression_unit`](Driver::compression_unit)
+    /// bytes (the last unit of the disk may be shorter) in the format's
+    /// stream format. `None` when it does not shrink: the unit is then
+    /// stored plainly. Pure computation, safe to run on many threads; the
+    /// result goes to [`write_compressed`](Driver::write_compressed).
+    fn compress(&self, _unit: &[u8]) -> Result<Option<Vec<u8>>> {
+        Err(Error::unsupported(
+            "Compression not supported for this file format",
+        ))
+    }
+
+    /// Stores `packed`, the output of [`compress`](Driver::compress) for
+    /// the unit at `offset`. Returns false, storing nothing, when the unit
+    /// already has storage: the generic layer then writes it plainly.
+    /// Called in guest order, the result is the same image whatever
+    /// thread compressed what.
+    fn write_compressed(&self, _packed: &[u8], _offset: u64) -> Result<bool> {
+        Err(Error::unsupported(
+            "Compression not supported for this file format",
+        ))
+    }
+
+    /// What write-zeroes of `len` bytes at `offset` makes of (a prefix
+    /// of) the range. The default: the format cannot zero cheaply.
+    fn map_zeroes(&self, _offset: u64, len: u64, _flags: ZeroFlags) -> Result<ZeroMapping> {
+        Ok(ZeroMapping {
+            len,
+            action: ZeroAction::Buffers,
+            commit: None,
+        })
+    }
+
+    /// What discard of `len` bytes at `offset` releases (for a prefix of
+    /// the range). Discard is advisory: afterwards the range reads as its
+    /// old content, zeroes or the backing image's content. The default
+    /// releases nothing.
+    fn map_discard(&self, _offset: u64, len: u64) -> Result<DiscardMapping> {
+        Ok(DiscardMapping {
+            len,
+            action: DiscardAction::Nothing,
+            commit: None,
+        })
+    }
+
+    /// Writes cached metadata out to the storage (not necessarily durable).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes all completed writes durable: flush, then sync every storage.
+    fn sync(&self) -> Result<()> {
+        self.flush()?;
+        sync_all(self.storages())
+    }
+
+    /// Changes the virtual size.
+    fn resize(&self, _new_size: u64, _prealloc: Preallocation) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "the {} format does not support resizing",
+            self.format_name()
+        )))
+    }
+
+    /// Format details for `info`.
+    fn info(&self) -> DriverInfo {
+        DriverInfo::default()
+    }
+
+    /// The backing file named in the image, if any.
+    fn backing(&self) -> Option<BackingRef> {
+        None
+    }
+
+    /// Checks (and with `repair`, repairs) the image's metadata.
+    fn check(&self, _repair: Option<RepairMode>) -> Result<CheckReport> {
+        Err(Error::unsupported(
+            "This image format does not support checks",
+        ))
+    }
+
+    /// Called when the image switches between read-only and read-write
+    /// (after the storages were reopened), e.g. to set or clear a dirty
+    /// flag. The open state already says the new mode.
+    fn set_read_only(&self, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once before the image is closed, after a final flush.
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Syncs each storage once (the same storage may be listed twice).
+pub fn sync_all(storages: &[Arc<dyn Storage>]) -> Result<()> {
+    for (i, s) in storages.iter().enumerate() {
+        if storages[..i].iter().any(|o| Arc::ptr_eq(o, s)) {
+            continue;
+        }
+        s.sync()
+            .map_err(|e| Error::io(format!("syncing {}", s.describe()), e))?;
+    }
+    Ok(())
+}
+
+/// An image format: probe, open and create. One static instance per format.
+pub trait Format: Send + Sync {
+    /// The format name as qemu-img spells it.
+    fn name(&self) -> &'static str;
+
+    /// How sure the format is that an image starting with `header` (up to
+    /// 4 KiB; less for short files) and named `filename` is one of its own:
+    /// 0 (no) to 100 (magic matches).
+    fn probe(&self, header: &[u8], filename: &Path) -> u32;
+
+    /// Opens an image on `storage`.
+    fn open(&self, storage: Arc<dyn Storage>, opts: &DriverOpenOptions) -> Result<Box<dyn Driver>>;
+
+    /// The `-o` options `create` accepts.
+    fn create_options(&self) -> &'static [OptionSpec];
+
+    /// Writes a new, empty image on `storage` (already created and empty).
+    /// `path` is where it lives, for formats that create companion files.
+    fn create(
+        &self,
+        storage: Arc<dyn Storage>,
+        path: Option<&Path>,
+        opts: &CreateOptions,
+    ) -> Result<()>;
+}

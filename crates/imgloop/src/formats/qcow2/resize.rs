@@ -1,0 +1,91 @@
+//! Changing the virtual size of a qcow2 image.
+
+use super::entry::{self, Cluster};
+use super::{header, write, Qcow2};
+use crate::driver::Preallocation;
+use crate::error::{Error, Result};
+use std::sync::atomic::Ordering;
+
+/// Changes the virtual size (the generic layer keeps writes out).
+pub(super) fn resize(img: &Qcow2, new_size: u64, prealloc: Preallocation) -> Result<()> {
+    if prealloc != Preallocation::Off {
+        return Err(Error::unsupported(
+            "qcow2 resize supports only preallocation=off",
+        ));
+    }
+    if new_size > header::MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid_argument("new size is too large for qcow2"));
+    }
+    let cs = img.cluster_size;
+    let old = img.size.load(Ordering::Acquire);
+    if new_size < old {
+        // Free everything past the new end (whole clusters).
+        let from = new_size.div_ceil(cs) * cs;
+        if from < old {
+            write::unallocate(img, from, old)?;
+        }
+    }
+    let _serial = img.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tables = img.tables_mut();
+    if tables.corrupt || img.read_only() {
+        return Err(Error::read_only("resize"));
+    }
+    img.flush_held(&mut tables)?;
+    let per_l1 = cs * img.l2_entries;
+    let need = new_size.div_ceil(per_l1);
+    if need > tables.l1.len() as u64 {
+        if need * 8 > header::MAX_L1_BYTES {
+            return Err(Error::invalid_argument(
+                "new size needs an L1 table larger than 32 MiB",
+            ));
+        }
+        let clusters = (need * 8).div_ceil(cs);
+        let new_off = img.alloc_clusters(&mut tables, clusters)?;
+        let mut l1 = tables.l1.clone();
+        l1.resize(need as usize, 0);
+        let mut bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        bytes.resize((clusters * cs) as usize, 0);
+        // The new table's refcounts, then the table, then the header.
+        img.flush_held(&mut tables)?;
+        img.file()
+            .write_at(&bytes, new_off)
+            .map_err(|e| Error::io("writing the new L1 table", e))?;
+        img.sync_file()?;
+        let old_off = tables.header.l1_table_offset;
+        let old_bytes = tables.l1.len() as u64 * 8;
+        tables.header.l1_table_offset = new_off;
+        tables.header.l1_size = need as u32;
+        tables.header.size = new_size;
+        img.write_header(&tables)?;
+        img.sync_file()?;
+        tables.l1 = l1;
+        if old_bytes > 0 {
+            img.release_range(&mut tables, old_off, old_bytes.div_ceil(cs) * cs);
+        }
+    } else {
+        tables.header.size = new_size;
+        img.write_header(&tables)?;
+        img.sync_file()?;
+    }
+    img.size.store(new_size, Ordering::Release);
+    if img.external_data {
+        // The data file follows the disk size, as at creation.
+        img.data()
+            .set_len(new_size)
+            .map_err(|e| Error::io("resizing the data file", e))?;
+        if tables.header.data_file_raw() && new_size > old {
+            // Every new guest cluster maps to its place in the raw data
+            // file, as in a new image.
+            let bitmap = if img.ext_l2 { entry::ALL_ALLOC } else { 0 };
+            let mut g = old.div_ceil(cs) * cs;
+            while g < new_size {
+                if img.lookup(&mut tables, g)?.0 == Cluster::Unallocated {
+                    img.set_l2(&mut tables, g, g | entry::COPIED, bitmap)?;
+                }
+                g += cs;
+            }
+            img.flush_held(&mut tables)?;
+        }
+    }
+    Ok(())
+}
