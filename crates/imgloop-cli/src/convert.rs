@@ -12,6 +12,7 @@ use crate::common::{fail, parse_options, Progress};
 use imgloop::size::parse_size;
 use imgloop::storage::{copy_file_range_all, is_zero};
 use imgloop::{CreateOptions, Error, Image, Mapping, OpenOptions, Result, StorageId};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -228,7 +229,12 @@ fn convert(a: &Args) -> Result<()> {
         plan(&src)?
     };
     let progress = Progress::new(a.progress && !a.quiet, src.size());
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let wanted = a.workers.map_or(cpus.clamp(2, 8), |w| w as usize);
+    let workers = wanted.min(jobs.len()).max(1);
     let ctx = Copier {
+        // Finished pieces waiting for their turn, at most this many (memory).
+        max_waiting: 2 * workers,
         src: &src,
         dst: &dst,
         sparse,
@@ -240,16 +246,13 @@ fn convert(a: &Args) -> Result<()> {
         // the target is the same whatever the number of workers.
         ordered: !a.out_of_order,
         next_job: AtomicUsize::new(0),
-        next_write: Mutex::new(0),
+        queue: Mutex::new(Queue::default()),
         turn: Condvar::new(),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
         progress: &progress,
         jobs: &jobs,
     };
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let wanted = a.workers.map_or(cpus.clamp(2, 8), |w| w as usize);
-    let workers = wanted.min(jobs.len()).max(1);
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| ctx.worker());
@@ -273,57 +276,118 @@ struct Copier<'a> {
     compress: bool,
     ordered: bool,
     next_job: AtomicUsize,
-    next_write: Mutex<usize>,
+    queue: Mutex<Queue>,
+    /// Signalled when the queue's writer moved on or a worker failed.
     turn: Condvar,
+    max_waiting: usize,
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
     progress: &'a Progress,
     jobs: &'a [Job],
 }
 
+/// Pieces read (and compressed) ahead, waiting to be written in job order.
+#[derive(Default)]
+struct Queue {
+    /// The job whose write is next.
+    next: usize,
+    /// Finished jobs after `next`.
+    ready: BTreeMap<usize, Work>,
+    /// A worker is writing queued pieces right now.
+    writing: bool,
+}
+
+/// A job read and prepared, to be written.
+enum Work {
+    /// All zeroes.
+    Zero(Job),
+    /// Copied in the kernel from the raw source at this host offset.
+    Offload(Job, u64),
+    /// Plain data (with the raw source's host offset for copy offload).
+    Data(Job, Vec<u8>, Option<u64>),
+    /// Data compressed unit by unit.
+    Packed(Job, Vec<u8>, Vec<Packed>),
+}
+
 impl Copier<'_> {
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(e);
+        self.turn.notify_all();
+    }
+
     fn worker(&self) {
-        let mut buf = Vec::new();
         loop {
+            if self.ordered && !self.wait_for_room() {
+                return;
+            }
             let i = self.next_job.fetch_add(1, Ordering::Relaxed);
             if i >= self.jobs.len() || self.failed.load(Ordering::Relaxed) {
-                // Wake anyone waiting for a turn that will never come.
-                self.turn.notify_all();
                 return;
             }
             let job = self.jobs[i];
-            if let Err(e) = self.do_job(i, job, &mut buf) {
-                self.failed.store(true, Ordering::Relaxed);
-                let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
-                slot.get_or_insert(e);
-                self.turn.notify_all();
-                return;
+            match self.prepare(job) {
+                Ok(work) => self.deliver(i, work),
+                Err(e) => return self.fail(e),
             }
-            self.progress.add(job.len);
         }
     }
 
-    /// Runs `write` when it is job `i`'s turn (always, with -W).
-    fn in_turn(&self, i: usize, write: impl FnOnce() -> Result<()>) -> Result<()> {
+    /// Waits while too many finished pieces wait for their turn; false
+    /// when the copy failed.
+    fn wait_for_room(&self) -> bool {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        while q.ready.len() >= self.max_waiting && !self.failed.load(Ordering::Relaxed) {
+            q = self.turn.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        !self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Hands a finished piece over. Without -W it is queued, and whoever
+    /// finds the next piece ready writes the queue out in job order, so
+    /// the target's layout does not depend on which thread was faster.
+    fn deliver(&self, i: usize, work: Work) {
         if !self.ordered {
-            return write();
+            let len = work.job().len;
+            return match self.write(work) {
+                Ok(()) => self.progress.add(len),
+                Err(e) => self.fail(e),
+            };
         }
-        let mut next = self.next_write.lock().unwrap_or_else(|e| e.into_inner());
-        while *next != i {
-            if self.failed.load(Ordering::Relaxed) {
-                return Ok(());
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.ready.insert(i, work);
+        if q.writing {
+            return;
+        }
+        q.writing = true;
+        loop {
+            let next = q.next;
+            let Some(work) = q.ready.remove(&next) else {
+                q.writing = false;
+                return;
+            };
+            drop(q);
+            let len = work.job().len;
+            let result = self.write(work);
+            q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.next += 1;
+            self.turn.notify_all();
+            match result {
+                Ok(()) => self.progress.add(len),
+                Err(e) => {
+                    q.writing = false;
+                    drop(q);
+                    return self.fail(e);
+                }
             }
-            next = self.turn.wait(next).unwrap_or_else(|e| e.into_inner());
         }
-        let r = write();
-        *next += 1;
-        self.turn.notify_all();
-        r
     }
 
-    fn do_job(&self, i: usize, job: Job, buf: &mut Vec<u8>) -> Result<()> {
+    /// Reads (and compresses) one job; no writes.
+    fn prepare(&self, job: Job) -> Result<Work> {
         if job.zero {
-            return self.in_turn(i, || self.write_zero(job.offset, job.len));
+            return Ok(Work::Zero(job));
         }
         // Raw to raw: the source bytes sit at a host offset of a plain
         // file, so the kernel can copy them (and reflink where it can).
@@ -341,16 +405,24 @@ impl Copier<'_> {
             false => None,
         };
         if let (Some(h), 0) = (src_host, self.sparse) {
-            return self.in_turn(i, || self.offload(h, job.offset, job.len));
+            return Ok(Work::Offload(job, h));
         }
-        buf.resize(job.len as usize, 0);
-        let data = &mut buf[..job.len as usize];
-        self.src.read(data, job.offset)?;
+        let mut data = vec![0u8; job.len as usize];
+        self.src.read(&mut data, job.offset)?;
         if self.compress {
-            let packed = self.compress_units(data, job.offset)?;
-            return self.in_turn(i, || self.write_packed(data, job.offset, &packed));
+            let packed = self.compress_units(&data, job.offset)?;
+            return Ok(Work::Packed(job, data, packed));
         }
-        self.in_turn(i, || self.write_data(data, job.offset, src_host))
+        Ok(Work::Data(job, data, src_host))
+    }
+
+    fn write(&self, work: Work) -> Result<()> {
+        match work {
+            Work::Zero(job) => self.write_zero(job.offset, job.len),
+            Work::Offload(job, h) => self.offload(h, job.offset, job.len),
+            Work::Data(job, data, src_host) => self.write_data(&data, job.offset, src_host),
+            Work::Packed(job, data, packed) => self.write_packed(&data, job.offset, &packed),
+        }
     }
 
     fn offload(&self, src_off: u64, dst_off: u64, len: u64) -> Result<()> {
@@ -432,6 +504,14 @@ impl Copier<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Work {
+    fn job(&self) -> Job {
+        match self {
+            Work::Zero(j) | Work::Offload(j, _) | Work::Data(j, _, _) | Work::Packed(j, _, _) => *j,
+        }
     }
 }
 

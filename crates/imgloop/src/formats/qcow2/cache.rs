@@ -67,14 +67,23 @@ impl TableCache {
         }
     }
 
+    /// A new recency stamp (inserts and changes, under the exclusive lock).
+    /// Stamps of inserts are even; lookups between two inserts share the
+    /// odd value after the last one.
     fn stamp(&self) -> u64 {
-        self.tick.fetch_add(1, Ordering::Relaxed) + 1
+        self.tick.fetch_add(2, Ordering::Relaxed) + 2
     }
 
-    /// The table at `offset`, if cached (marks it recently used).
+    /// The table at `offset`, if cached (marks it recently used). Lookups
+    /// share the clock instead of advancing it, and write the stamp only
+    /// when it changed, so readers on many threads do not fight over one
+    /// cache line: recency is exact up to the last insert.
     pub fn get(&self, offset: u64) -> Option<&[u8]> {
         self.entries.get(&offset).map(|e| {
-            e.used.store(self.stamp(), Ordering::Relaxed);
+            let now = self.tick.load(Ordering::Relaxed) + 1;
+            if e.used.load(Ordering::Relaxed) != now {
+                e.used.store(now, Ordering::Relaxed);
+            }
             &*e.data
         })
     }

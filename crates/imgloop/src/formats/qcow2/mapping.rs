@@ -97,7 +97,7 @@ impl Qcow2 {
         if self.l2_offset(tables, i1) == 0 {
             // No L2 table: the rest of this L1 entry's range at once.
             let span = self.l1_span();
-            let rest = span - guest % span;
+            let rest = span - (guest & (span - 1));
             return Ok(Ok((Mapping::Unallocated, max_len.min(rest), None)));
         }
         Ok(self
@@ -127,6 +127,9 @@ impl Qcow2 {
     /// Where the guest range at `offset` lives, merged over following
     /// clusters of one kind (contiguous ones, for data).
     pub(super) fn map_range(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        if let Some(hit) = self.map_plain_hit(offset, max_len) {
+            return Ok(hit);
+        }
         self.walk(|tables, fetched| {
             let (first, mut len, first_host) = match self.step(tables, offset, max_len, fetched)? {
                 Ok(s) => s,
@@ -159,6 +162,36 @@ impl Qcow2 {
             }
             Ok(Ok((first, len)))
         })
+    }
+
+    /// The common case of a small read, checked first: the request lies in
+    /// one cluster whose L2 table is cached and whose entry is a plain
+    /// allocated cluster (standard entry, no flag but COPIED, aligned).
+    /// Anything else goes the general way.
+    fn map_plain_hit(&self, offset: u64, max_len: u64) -> Option<(Mapping, u64)> {
+        if self.ext_l2 {
+            return None;
+        }
+        let cs = self.cluster_size;
+        let in_cluster = offset & (cs - 1);
+        if max_len > cs - in_cluster {
+            return None;
+        }
+        let (i1, i2) = self.indices(offset);
+        let tables = self.tables();
+        let l2 = self.l2_offset(&tables, i1);
+        let table = tables.l2.get(l2)?;
+        let (e, _) = self.l2_get(table, i2);
+        let host = e & entry::L2_OFFSET_MASK;
+        let plain =
+            e & !(entry::COPIED | entry::L2_OFFSET_MASK) == 0 && host != 0 && host & (cs - 1) == 0;
+        plain.then_some((
+            Mapping::Data {
+                storage: self.data_id(),
+                offset: host + in_cluster,
+            },
+            max_len,
+        ))
     }
 
     /// Block status of the range at `offset`: the longest run with one

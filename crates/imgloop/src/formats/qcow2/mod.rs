@@ -245,6 +245,8 @@ pub struct Qcow2 {
     pub(crate) cluster_bits: u32,
     pub(crate) cluster_size: u64,
     pub(crate) l2_entries: u64,
+    /// log2 of `l2_entries` (a power of two).
+    pub(crate) l2_bits: u32,
     pub(crate) ext_l2: bool,
     pub(crate) v3: bool,
     pub(crate) compression: CompressionType,
@@ -305,8 +307,8 @@ impl Qcow2 {
     pub(crate) fn indices(&self, guest: u64) -> (usize, usize) {
         let cluster = guest >> self.cluster_bits;
         (
-            (cluster / self.l2_entries) as usize,
-            (cluster % self.l2_entries) as usize,
+            (cluster >> self.l2_bits) as usize,
+            (cluster & (self.l2_entries - 1)) as usize,
         )
     }
 

@@ -114,6 +114,7 @@ impl Qcow2 {
             cluster_bits: h.cluster_bits,
             cluster_size: cs,
             l2_entries: h.l2_entries(),
+            l2_bits: h.l2_entries().trailing_zeros(),
             ext_l2: h.extended_l2(),
             v3: h.version >= 3,
             compression: h.compression_type,
