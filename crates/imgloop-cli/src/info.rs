@@ -130,11 +130,42 @@ fn print_human(img: &Image) {
             );
         }
     }
-    if !i.format_specific_lines.is_empty() {
-        println!("Format specific information:");
-        for (k, v) in &i.format_specific_lines {
-            println!("    {k}: {v}");
+    if let Some(fs) = &i.format_specific {
+        let v = serde_json::to_value(fs).expect("plain data serializes");
+        if let Some(data) = v.get("data").and_then(|d| d.as_object()) {
+            println!("Format specific information:");
+            let mut out = String::new();
+            dump_object(data, 1, &mut out);
+            print!("{out}");
         }
+    }
+}
+
+/// Shows a JSON object the way qemu-img shows format-specific facts: one
+/// `key: value` line per field (dashes in keys become spaces), nested
+/// objects and lists indented by four spaces, list items as `[N]:`.
+fn dump_object(obj: &serde_json::Map<String, serde_json::Value>, depth: usize, out: &mut String) {
+    for (key, value) in obj {
+        dump_value(&key.replace('-', " "), value, depth, out);
+    }
+}
+
+fn dump_value(label: &str, value: &serde_json::Value, depth: usize, out: &mut String) {
+    use serde_json::Value;
+    let pad = "    ".repeat(depth);
+    match value {
+        Value::Object(o) => {
+            out.push_str(&format!("{pad}{label}:\n"));
+            dump_object(o, depth + 1, out);
+        }
+        Value::Array(items) => {
+            out.push_str(&format!("{pad}{label}:\n"));
+            for (n, item) in items.iter().enumerate() {
+                dump_value(&format!("[{n}]"), item, depth + 1, out);
+            }
+        }
+        Value::String(s) => out.push_str(&format!("{pad}{label}: {s}\n")),
+        other => out.push_str(&format!("{pad}{label}: {other}\n")),
     }
 }
 
@@ -190,7 +221,23 @@ fn utc_date(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::utc_date;
+    use super::{dump_object, utc_date};
+
+    #[test]
+    fn format_specific_facts_are_shown_like_qemu_img() {
+        let v = serde_json::json!({
+            "compat": "1.1",
+            "lazy-refcounts": false,
+            "bitmaps": [{"flags": ["auto"], "name": "b0", "granularity": 65536}],
+            "refcount-bits": 16
+        });
+        let mut out = String::new();
+        dump_object(v.as_object().unwrap(), 1, &mut out);
+        assert_eq!(
+            out,
+            "    compat: 1.1\n    lazy refcounts: false\n    bitmaps:\n        [0]:\n            flags:\n                [0]: auto\n            name: b0\n            granularity: 65536\n    refcount bits: 16\n"
+        );
+    }
 
     #[test]
     fn dates_are_formatted_in_utc() {

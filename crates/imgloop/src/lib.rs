@@ -33,6 +33,7 @@ pub mod registry;
 pub mod size;
 pub mod state;
 pub mod storage;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
 pub use driver::{

@@ -55,13 +55,63 @@ pub struct DriverInfo {
     pub cluster_size: Option<u64>,
     /// The image was not closed cleanly.
     pub dirty: bool,
-    /// `format-specific` object of `qemu-img info --output=json`
-    /// (`{"type": FORMAT, "data": {...}}`), if the format has details.
-    pub format_specific: Option<serde_json::Value>,
-    /// Extra lines for human-readable `info` ("Format specific information").
-    pub human_lines: Vec<(String, String)>,
+    /// Facts only this format has (qemu-img's `format-specific`).
+    pub format_specific: Option<FormatSpecific>,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// Facts only one format has, as typed values. They serialize to the
+/// `format-specific` object of `qemu-img info --output=json`
+/// (`{"type": FORMAT, "data": {...}}`, field names and order as qemu's);
+/// how to show them to people is the caller's business.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum FormatSpecific {
+    /// qcow2 details.
+    Qcow2(Qcow2Specific),
+}
+
+/// What `info` reports of a qcow2 image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Specific {
+    /// "0.10" (version 2) or "1.1" (version 3).
+    pub compat: String,
+    /// Compression of compressed clusters: "zlib" or "zstd".
+    pub compression_type: String,
+    /// Lazy refcounts are on (version 3 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    /// Persistent dirty bitmaps, when the bitmap directory is consistent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapSpecific>>,
+    /// Width of a refcount entry in bits.
+    pub refcount_bits: u32,
+    /// The external data file, as named in the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    /// The external data file is a valid raw image by itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file_raw: Option<bool>,
+    /// The corrupt bit is set (version 3 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<bool>,
+    /// Extended L2 entries (subclusters) are in use (version 3 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
+}
+
+/// One persistent bitmap of a qcow2 image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BitmapSpecific {
+    /// "in-use" (not saved correctly), "auto" (tracks every write).
+    pub flags: Vec<String>,
+    /// The bitmap's name.
+    pub name: String,
+    /// Bytes of disk one bit stands for.
+    pub granularity: u64,
 }
 
 /// One internal snapshot, with the field names of `qemu-img info --output=json`.

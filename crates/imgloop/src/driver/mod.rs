@@ -23,8 +23,8 @@ mod facts;
 mod mapping;
 
 pub use facts::{
-    BackingRef, CheckReport, CreateOptions, DriverInfo, DriverOpenOptions, OptionSpec,
-    Preallocation, RepairMode, SnapshotInfo,
+    BackingRef, BitmapSpecific, CheckReport, CreateOptions, DriverInfo, DriverOpenOptions,
+    FormatSpecific, OptionSpec, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
 };
 pub use mapping::{
     Allocation, BlockStatus, Commit, DiscardAction, DiscardMapping, Fill, Mapping, StorageId,

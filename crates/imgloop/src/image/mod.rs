@@ -107,13 +107,10 @@ pub struct ImageInfo {
     pub backing_filename_format: Option<String>,
     /// Format-specific details.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub format_specific: Option<serde_json::Value>,
+    pub format_specific: Option<crate::driver::FormatSpecific>,
     /// Internal snapshots.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<crate::driver::SnapshotInfo>,
-    /// Human-readable format-specific lines.
-    #[serde(skip)]
-    pub format_specific_lines: Vec<(String, String)>,
 }
 
 /// One open image of any format, with its backing chain.
@@ -317,7 +314,6 @@ impl Image {
             full_backing_filename: self.full_backing.as_ref().map(|p| p.display().to_string()),
             backing_filename_format: self.backing_ref.as_ref().and_then(|b| b.format.clone()),
             format_specific: di.format_specific,
-            format_specific_lines: di.human_lines,
             snapshots: di.snapshots,
         }
     }

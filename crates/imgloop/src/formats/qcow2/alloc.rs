@@ -10,6 +10,9 @@ use super::tables::PendingFree;
 use super::{Qcow2, Tables};
 use crate::error::{Error, ErrorKind, Result};
 
+/// One past the largest host offset an L2 entry can hold (bits 9-55).
+const MAX_HOST_OFFSET: u64 = 1 << 56;
+
 impl Qcow2 {
     /// Clusters covered by one refcount block.
     pub(crate) fn rc_per_block(&self, tables: &Tables) -> u64 {
@@ -25,7 +28,7 @@ impl Qcow2 {
         }
     }
 
-    fn load_rc_block(&self, tables: &mut Tables, off: u64) -> Result<()> {
+    pub(crate) fn load_rc_block(&self, tables: &mut Tables, off: u64) -> Result<()> {
         if tables.rc.contains(off) {
             return Ok(());
         }
@@ -120,8 +123,16 @@ impl Qcow2 {
         }
         let cs = self.cluster_size;
         let per = self.rc_per_block(tables);
-        let first = b * per;
-        let block_off = first * cs;
+        let block_off = b
+            .checked_mul(per)
+            .and_then(|first| first.checked_mul(cs))
+            .filter(|&o| o < MAX_HOST_OFFSET)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NoSpace,
+                    "the image cannot grow past 64 PiB (the largest host offset qcow2 entries hold)",
+                )
+            })?;
         let mut block = vec![0u8; cs as usize].into_boxed_slice();
         let bits = tables.header.refcount_bits();
         Self::set_rc_entry(&mut block, 0, bits, 1);
@@ -148,12 +159,21 @@ impl Qcow2 {
             let mut table = tables.rc_table.clone();
             table.resize((clusters * cs / 8) as usize, 0);
             table[b as usize] = block_off;
-            // New block and table first, then the header that points to
-            // them. (Dirty cached blocks stay for the flush: the new table
-            // points at the same blocks as the old one.)
+            // New block and table first, durable, then the header that
+            // points to them. The new table also points at blocks that are
+            // dirty in the cache (and entries not yet written): their
+            // current content goes to disk too, so the table never names a
+            // block that is not there. (They stay dirty for the flush; a
+            // flush copy older than these writes is consistent with the L2
+            // tables that flush writes.)
             self.file()
                 .write_at(&block, block_off)
                 .map_err(|e| Error::io("writing a refcount block", e))?;
+            for (off, _, data) in tables.rc.dirty_copies() {
+                self.file().write_at(&data, off).map_err(|e| {
+                    Error::io("writing a refcount block", e).at("refcount block", off)
+                })?;
+            }
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.file()
                 .write_at(&bytes, table_off)
@@ -166,21 +186,16 @@ impl Qcow2 {
             self.write_header(tables)?;
             self.sync_file()?;
             tables.rc_table = table;
+            tables.rc_table_dirty.clear();
             tables.rc.insert(block_off, block, false);
             self.release_range(tables, old_off, old_clusters * cs);
             return Ok(block_off);
         }
-        // Block first, then the table entry that points to it.
-        self.file()
-            .write_at(&block, block_off)
-            .map_err(|e| Error::io("writing a refcount block", e))?;
-        self.sync_file()?;
-        let entry_off = tables.header.refcount_table_offset + b * 8;
-        self.file()
-            .write_at(&block_off.to_be_bytes(), entry_off)
-            .map_err(|e| Error::io("writing the refcount table", e))?;
+        // A new block in the cache; the flush writes it, syncs, and only
+        // then the table entry that points to it (no I/O here).
         tables.rc_table[b as usize] = block_off;
-        tables.rc.insert(block_off, block, false);
+        tables.rc_table_dirty.insert(b as usize);
+        tables.rc.insert(block_off, block, true);
         Ok(block_off)
     }
 
@@ -209,6 +224,17 @@ impl Qcow2 {
                 run = 0;
             }
             c += 1;
+        }
+        // Host offsets must fit the 56-bit offset fields of L1/L2 entries.
+        let end = start
+            .checked_add(n)
+            .and_then(|e| e.checked_mul(self.cluster_size))
+            .filter(|&e| e <= MAX_HOST_OFFSET);
+        if end.is_none() {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "the image cannot grow past 64 PiB (the largest host offset qcow2 entries hold)",
+            ));
         }
         for k in 0..n {
             self.set_refcount(tables, start + k, 1)?;

@@ -283,6 +283,7 @@ impl<'a> Pass<'a> {
                             self.q.file(),
                             snap.l1_table_offset,
                             snap.l1_size as u64,
+                            cs,
                             "snapshot L1 table",
                         ) {
                             Ok(sl1) => self.walk_l1(m, &sl1, snap.l1_table_offset, false),
@@ -567,6 +568,10 @@ impl<'a> Pass<'a> {
             return;
         }
         self.inc_or_report(dir_off, dir_size);
+        if !self.in_file(dir_off, dir_size) {
+            // Reported above; nothing to read (and nothing allocated).
+            return;
+        }
         let dir = match self.read_padded(dir_off, dir_size) {
             Ok(d) => d,
             Err(e) => {
@@ -586,9 +591,13 @@ impl<'a> Pass<'a> {
             let table_size = b.table_size as u64;
             self.inc_or_report(b.table_offset, table_size * 8);
             if table_size <= (1 << 24) {
-                if let Ok(t) =
-                    read_u64_table(self.q.file(), b.table_offset, table_size, "bitmap table")
-                {
+                if let Ok(t) = read_u64_table(
+                    self.q.file(),
+                    b.table_offset,
+                    table_size,
+                    self.cs,
+                    "bitmap table",
+                ) {
                     for v in t {
                         let off = v & entry::L2_OFFSET_MASK;
                         if off > 1 {
@@ -824,6 +833,15 @@ impl<'a> Pass<'a> {
             }
         }
         let (table_start, table_clusters) = table.expect("allocated above");
+        if table_clusters as u64 * cs > header::MAX_REFTABLE_BYTES {
+            // Such a header would not open again: refuse before writing.
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "cannot rebuild the refcount structure: its table would need {table_clusters} clusters, more than the 8 MiB a refcount table may have"
+                ),
+            ));
+        }
         if let Some(c) = refs.iter().position(|&r| r as u64 > max) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -862,6 +880,7 @@ impl<'a> Pass<'a> {
         q.write_header(m)?;
         q.sync_file()?;
         m.rc_table = entries;
+        m.rc_table_dirty.clear();
         m.rc.clear();
         m.free_hint = 0;
         m.pending_free.clear();

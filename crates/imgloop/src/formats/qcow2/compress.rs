@@ -146,9 +146,9 @@ pub(super) fn write_compressed(q: &Qcow2, packed: &[u8], offset: u64) -> Result<
             "compression is not supported with an external data file",
         ));
     }
-    if packed.len() as u64 >= q.cluster_size {
+    if packed.is_empty() || packed.len() as u64 >= q.cluster_size {
         return Err(Error::invalid_argument(
-            "a compressed stream must be shorter than a cluster",
+            "a compressed stream must be shorter than a cluster, and not empty",
         ));
     }
     let _claim = q.units.lock(offset >> q.cluster_bits);
@@ -162,7 +162,22 @@ pub(super) fn write_compressed(q: &Qcow2, packed: &[u8], offset: u64) -> Result<
             return Ok(false);
         }
         q.l2_for_write(&mut tables, offset)?;
-        q.alloc_bytes(&mut tables, packed.len() as u64)?
+        let len = packed.len() as u64;
+        let host = q.alloc_bytes(&mut tables, len)?;
+        // A descriptor holds the offset in 70 - cluster_bits bits: a
+        // stream placed beyond that (an image of hundreds of TiB) is
+        // stored plainly instead.
+        let limit = 1u64 << entry::compressed_offset_bits(q.cluster_bits);
+        if host + len > limit {
+            let cs = q.cluster_size;
+            for c in host / cs..=(host + len - 1) / cs {
+                let r = q.refcount(&mut tables, c)?;
+                q.set_refcount(&mut tables, c, r.saturating_sub(1))?;
+            }
+            tables.compressed_tail = 0;
+            return Ok(false);
+        }
+        host
     };
     // Data first, without the lock; the L2 entry only after it is written.
     q.file()

@@ -5,12 +5,13 @@
 //! and syncs the copies with no lock held, then marks clean what did not
 //! change meanwhile. The order on disk:
 //!
-//! 1. refcount blocks (increments for new clusters);
+//! 1. refcount blocks (increments for new clusters, new blocks);
 //! 2. sync every storage: guest data and refcounts are durable before
 //!    anything points at them;
-//! 3. L2 tables; sync (when L1 entries follow);
-//! 4. L1 entries;
-//! 5. for clusters whose references those tables dropped: sync, then
+//! 3. refcount table entries of new blocks, and a sync;
+//! 4. L2 tables; sync (when L1 entries follow);
+//! 5. L1 entries;
+//! 6. for clusters whose references those tables dropped: sync, then
 //!    decrement their refcounts, once no request in flight can still
 //!    see them, and write the refcount blocks again.
 //!
@@ -27,6 +28,8 @@ use crate::error::{Error, ErrorKind, Result};
 #[derive(Default)]
 struct Writeback {
     rc: Vec<DirtyCopy>,
+    rc_table: Vec<(usize, u64)>,
+    rc_table_offset: u64,
     l2: Vec<DirtyCopy>,
     l1: Vec<(usize, u64)>,
     l1_offset: u64,
@@ -41,8 +44,14 @@ impl Writeback {
             .into_iter()
             .map(|i| (i, tables.l1[i]))
             .collect();
+        let rc_table: Vec<(usize, u64)> = std::mem::take(&mut tables.rc_table_dirty)
+            .into_iter()
+            .map(|i| (i, tables.rc_table[i]))
+            .collect();
         Writeback {
             rc: tables.rc.dirty_copies(),
+            rc_table,
+            rc_table_offset: tables.header.refcount_table_offset,
             l2: tables.l2.dirty_copies(),
             l1,
             l1_offset: tables.header.l1_table_offset,
@@ -51,12 +60,19 @@ impl Writeback {
     }
 
     fn is_empty(&self) -> bool {
-        self.rc.is_empty() && self.l2.is_empty() && self.l1.is_empty() && self.frees == 0
+        self.rc.is_empty()
+            && self.rc_table.is_empty()
+            && self.l2.is_empty()
+            && self.l1.is_empty()
+            && self.frees == 0
     }
 
-    /// Puts the L1 entries back as dirty after a failed write.
+    /// Puts the table entries back as dirty after a failed write.
     fn restore(&self, tables: &mut Tables) {
         tables.l1_dirty.extend(self.l1.iter().map(|&(i, _)| i));
+        tables
+            .rc_table_dirty
+            .extend(self.rc_table.iter().map(|&(i, _)| i));
     }
 
     /// Marks clean what was written and has not changed since.
@@ -138,13 +154,25 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Steps 1 to 4 of the module documentation.
+    /// Steps 1 to 5 of the module documentation.
     fn write_tables(&self, wb: &Writeback) -> Result<()> {
         self.write_copies(&wb.rc, "refcount block")?;
-        if !wb.l2.is_empty() || !wb.l1.is_empty() {
+        if !wb.l2.is_empty() || !wb.l1.is_empty() || !wb.rc_table.is_empty() {
             // Data and refcount increases are durable before any new
             // reference to them.
             self.sync_storages()?;
+        }
+        if !wb.rc_table.is_empty() {
+            for &(i, e) in &wb.rc_table {
+                let at = wb.rc_table_offset + i as u64 * 8;
+                self.file().write_at(&e.to_be_bytes(), at).map_err(|err| {
+                    Error::io("writing the refcount table", err)
+                        .at("refcount table", wb.rc_table_offset)
+                })?;
+            }
+            // The new blocks are reachable before anything they count is
+            // referenced.
+            self.sync_file()?;
         }
         self.write_copies(&wb.l2, "L2 table")?;
         if !wb.l1.is_empty() {

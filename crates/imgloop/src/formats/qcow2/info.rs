@@ -1,7 +1,7 @@
 //! What `info` shows of a qcow2 image.
 
 use super::{bitmap, header, snapshot, Qcow2};
-use crate::driver::DriverInfo;
+use crate::driver::{BitmapSpecific, DriverInfo, FormatSpecific, Qcow2Specific};
 use header::Header;
 
 impl Qcow2 {
@@ -9,69 +9,41 @@ impl Qcow2 {
     pub(super) fn driver_info(&self) -> DriverInfo {
         let tables = self.tables();
         let h = &tables.header;
-        let mut data = serde_json::Map::new();
-        let compat = if h.version >= 3 { "1.1" } else { "0.10" };
-        data.insert("compat".into(), compat.into());
-        let mut lines = vec![("compat".to_string(), compat.to_string())];
-        if h.version >= 3 {
-            data.insert("compression-type".into(), h.compression_type.name().into());
-            lines.push(("compression type".into(), h.compression_type.name().into()));
-            let lazy = h.compatible_features & header::compat::LAZY_REFCOUNTS != 0;
-            data.insert("lazy-refcounts".into(), lazy.into());
-            lines.push(("lazy refcounts".into(), lazy.to_string()));
-        } else {
-            data.insert("compression-type".into(), h.compression_type.name().into());
-            lines.push(("compression type".into(), h.compression_type.name().into()));
-        }
-        if let Some(list) = self.consistent_bitmaps(h) {
-            let mut human = Vec::new();
-            let json: Vec<serde_json::Value> = list
-                .iter()
+        let v3 = h.version >= 3;
+        let bitmaps = self.consistent_bitmaps(h).map(|list| {
+            list.iter()
                 .map(|b| {
                     let mut flags = Vec::new();
                     if b.flags & bitmap::FLAG_IN_USE != 0 {
-                        flags.push("in-use");
+                        flags.push("in-use".to_string());
                     }
                     if b.flags & bitmap::FLAG_AUTO != 0 {
-                        flags.push("auto");
+                        flags.push("auto".to_string());
                     }
-                    let granularity = 1u64 << b.granularity_bits.min(63);
-                    human.push(format!(
-                        "{} (granularity {granularity}{}{})",
-                        b.name,
-                        if flags.is_empty() { "" } else { ", " },
-                        flags.join(", ")
-                    ));
-                    serde_json::json!({
-                        "flags": flags,
-                        "name": b.name,
-                        "granularity": granularity,
-                    })
+                    BitmapSpecific {
+                        flags,
+                        name: b.name.clone(),
+                        granularity: 1u64 << b.granularity_bits.min(63),
+                    }
                 })
-                .collect();
-            data.insert("bitmaps".into(), json.into());
-            lines.push(("bitmaps".into(), human.join("; ")));
-        }
-        data.insert("refcount-bits".into(), h.refcount_bits().into());
-        lines.push(("refcount bits".into(), h.refcount_bits().to_string()));
-        let corrupt = h.incompatible_features & header::incompat::CORRUPT != 0;
-        if h.version >= 3 {
-            data.insert("corrupt".into(), corrupt.into());
-            lines.push(("corrupt".into(), corrupt.to_string()));
-            data.insert("extended-l2".into(), h.extended_l2().into());
-            lines.push(("extended l2".into(), h.extended_l2().to_string()));
-        }
-        if let Some(df) = &self.data_file_name {
-            data.insert("data-file".into(), df.clone().into());
-            data.insert("data-file-raw".into(), h.data_file_raw().into());
-            lines.push(("data file".into(), df.clone()));
-            lines.push(("data file raw".into(), h.data_file_raw().to_string()));
-        }
+                .collect()
+        });
+        let facts = Qcow2Specific {
+            compat: if v3 { "1.1" } else { "0.10" }.to_string(),
+            compression_type: h.compression_type.name().to_string(),
+            lazy_refcounts: v3
+                .then_some(h.compatible_features & header::compat::LAZY_REFCOUNTS != 0),
+            bitmaps,
+            refcount_bits: h.refcount_bits(),
+            data_file: self.data_file_name.clone(),
+            data_file_raw: self.data_file_name.as_ref().map(|_| h.data_file_raw()),
+            corrupt: v3.then_some(h.incompatible_features & header::incompat::CORRUPT != 0),
+            extended_l2: v3.then_some(h.extended_l2()),
+        };
         DriverInfo {
             cluster_size: Some(self.cluster_size),
             dirty: h.incompatible_features & header::incompat::DIRTY != 0,
-            format_specific: Some(serde_json::json!({"type": "qcow2", "data": data})),
-            human_lines: lines,
+            format_specific: Some(FormatSpecific::Qcow2(facts)),
             snapshots: self.snapshot_infos(h),
         }
     }

@@ -235,6 +235,39 @@ impl Qcow2 {
         Ok(s)
     }
 
+    /// Clusters below `limit` with a non-zero refcount, counted until
+    /// `enough` are found. Walks the refcount table block by block, so the
+    /// cost is bounded by the blocks there are, not by the apparent file
+    /// size (a sparse hostile file); a block that repeats is read once.
+    fn clusters_in_use(&self, limit: u64, enough: u64) -> Result<u64> {
+        let mut tables = self.tables_mut();
+        let per = self.rc_per_block(&tables);
+        let bits = tables.header.refcount_bits();
+        let mut empty = std::collections::HashSet::new();
+        let mut in_use = 0;
+        for b in 0..tables.rc_table.len() as u64 {
+            let first = b * per;
+            if first >= limit || in_use >= enough {
+                break;
+            }
+            let off = tables.rc_table[b as usize];
+            if off == 0 || empty.contains(&off) {
+                continue;
+            }
+            self.load_rc_block(&mut tables, off)?;
+            let block = tables.rc.peek(off).expect("just loaded");
+            if crate::storage::is_zero(block) {
+                empty.insert(off);
+                continue;
+            }
+            let n = per.min(limit - first);
+            in_use += (0..n)
+                .filter(|&i| Self::rc_entry(block, i, bits) != 0)
+                .count() as u64;
+        }
+        Ok(in_use)
+    }
+
     /// Whether the image looks like `preallocation=metadata` made it: more
     /// clusters are in use by refcount than the file has allocated on the
     /// host (by a margin of 1/9, and at least 2 clusters). Decided once per
@@ -252,16 +285,7 @@ impl Qcow2 {
             Some(real) => {
                 let real_clusters = real / cs;
                 let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-                let mut tables = self.tables_mut();
-                let mut in_use = 0;
-                let mut c = 0;
-                while c < file_len.div_ceil(cs) && in_use < threshold {
-                    if self.refcount(&mut tables, c)? != 0 {
-                        in_use += 1;
-                    }
-                    c += 1;
-                }
-                in_use >= threshold
+                self.clusters_in_use(file_len.div_ceil(cs), threshold)? >= threshold
             }
         };
         let _ = self.metadata_prealloc.set(v);

@@ -478,6 +478,7 @@ pub(crate) mod testutil {
 #[cfg(test)]
 mod tests {
     use super::testutil::mem_image;
+    use super::*;
 
     #[test]
     fn unwritten_parts_of_metadata_preallocated_clusters_are_data_reading_as_zero() {
@@ -532,5 +533,60 @@ mod tests {
         let s = img.block_status((2 << 40) + 65536, rest).unwrap();
         assert_eq!((s.allocated, s.len), (false, rest));
         assert_eq!(img.map_entries(0, u64::MAX).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn block_status_of_a_huge_sparse_file_costs_what_its_refcount_blocks_hold() {
+        // A hostile file: a small valid image, then a huge apparent
+        // length. Deciding whether it is metadata-preallocated must not
+        // walk every cluster of that length (2^31 here).
+        let (mem, img) = mem_image(1 << 20, &[("cluster_size", "512")]);
+        drop(img);
+        use crate::storage::Storage;
+        mem.set_len(1 << 40).unwrap();
+        let img = super::testutil::reopen(&mem);
+        let s = img.block_status(0, 1 << 20).unwrap();
+        assert!(!s.allocated);
+    }
+
+    #[test]
+    fn a_compressed_stream_beyond_what_a_descriptor_can_hold_is_stored_plainly() {
+        let mem = crate::storage::MemStorage::with_limit(1 << 52);
+        let mut opts = CreateOptions {
+            size: 4 << 20,
+            ..Default::default()
+        };
+        opts.options.insert("cluster_size".into(), "2M".into());
+        create::create(Arc::new(mem.clone()), None, &opts).unwrap();
+        let img = super::testutil::reopen(&mem);
+        let q = super::testutil::qcow2(&img);
+        // Allocation continues at 512 TiB, where 2 MiB-cluster compressed
+        // descriptors (49 offset bits) end.
+        q.tables_mut().free_hint = (1u64 << 49) / (2 << 20);
+        let data: Vec<u8> = (0..2u32 << 20).map(|i| (i / 4096) as u8).collect();
+        img.write_compressed(&data, 0).unwrap();
+        let (c, _) = q.lookup(&mut q.tables_mut(), 0).unwrap();
+        assert!(
+            matches!(c, entry::Cluster::Normal { host, .. } if host >= 1 << 49),
+            "{c:?}"
+        );
+        let mut back = vec![0u8; data.len()];
+        img.read(&mut back, 0).unwrap();
+        assert!(back == data);
+    }
+
+    #[test]
+    fn a_table_reaching_past_the_files_last_cluster_is_refused_before_allocation() {
+        let mem = crate::storage::MemStorage::from_bytes(&[0u8; 4096]);
+        let e = open::read_u64_table(&mem, 512, 1 << 22, 512, "snapshot L1 table").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        // Ending inside the last cluster the file touches is fine.
+        let mem = crate::storage::MemStorage::from_bytes(&[0u8; 1000]);
+        assert_eq!(
+            open::read_u64_table(&mem, 512, 64, 512, "L1")
+                .unwrap()
+                .len(),
+            64
+        );
     }
 }

@@ -48,6 +48,7 @@ impl Qcow2 {
             &*storage,
             header.l1_table_offset,
             header.l1_size as u64,
+            cs,
             "L1 table",
         )?;
         for (i, &e) in l1.iter().enumerate().filter(|_| !for_check) {
@@ -66,6 +67,7 @@ impl Qcow2 {
             &*storage,
             header.refcount_table_offset,
             rc_entries,
+            cs,
             "refcount table",
         )?;
         for (i, &e) in rc_table.iter().enumerate().filter(|_| !for_check) {
@@ -99,6 +101,7 @@ impl Qcow2 {
             l1_dirty: BTreeSet::new(),
             l2: TableCache::new((l2_cache / cs) as usize),
             rc_table,
+            rc_table_dirty: BTreeSet::new(),
             rc: TableCache::new((rc_cache / cs) as usize),
             free_hint: 0,
             pending_free: Vec::new(),
@@ -154,23 +157,29 @@ impl Qcow2 {
     }
 }
 
-/// Reads a table of `count` big-endian u64 entries at `offset` (the part
-/// past the end of the file reads as zeroes only if the file ends inside
-/// the table's last cluster, as QEMU writes short L1 tables).
+/// Reads a table of `count` big-endian u64 entries at `offset`. The table
+/// must end within the last cluster (of `cluster_size` bytes) the file
+/// touches: the part past the end of the file reads as zeroes then, as
+/// QEMU writes short L1 tables, and a table reaching further is an error
+/// before anything is allocated for it.
 pub(crate) fn read_u64_table(
     storage: &dyn Storage,
     offset: u64,
     count: u64,
+    cluster_size: u64,
     what: &'static str,
 ) -> Result<Vec<u64>> {
-    let bytes = count * 8;
+    let bytes = count
+        .checked_mul(8)
+        .ok_or_else(|| Error::overflow(what, offset, "table size"))?;
     let file_len = storage
         .len()
         .map_err(|e| Error::io("reading image size", e))?;
     if bytes == 0 {
         return Ok(Vec::new());
     }
-    if offset >= file_len {
+    let file_end = file_len.div_ceil(cluster_size).saturating_mul(cluster_size);
+    if offset >= file_len || offset.checked_add(bytes).is_none_or(|end| end > file_end) {
         return Err(Error::corrupt(
             what,
             offset,

@@ -39,6 +39,8 @@ pub(crate) struct Tables {
     pub(crate) l2: TableCache,
     /// The refcount table.
     pub(crate) rc_table: Vec<u64>,
+    /// Refcount table entries changed since the last flush (new blocks).
+    pub(crate) rc_table_dirty: BTreeSet<usize>,
     /// Cached refcount blocks.
     pub(crate) rc: TableCache,
     /// Lowest cluster index that may be free.
