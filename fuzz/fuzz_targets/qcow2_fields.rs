@@ -14,7 +14,7 @@
 
 #![no_main]
 
-use imgloop::storage::{MemStorage, Storage};
+use imgloop::storage::MemStorage;
 use imgloop::{registry, CreateOptions, Image};
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
