@@ -295,13 +295,20 @@ impl Image {
         let covered_end = (a.guest + a.len).min(pos + data.len() as u64);
         let n = (covered_end - pos) as usize;
         let written = self.fill_and_write(data, pos, n, &a);
-        match written {
-            Ok(()) => {
-                self.driver.commit(a.commit).map_err(|e| self.err(e))?;
-                Ok(n)
-            }
-            Err(e) => {
-                self.driver.abort(a.commit);
+        self.publish(written, Some(a.commit))?;
+        Ok(n)
+    }
+
+    /// After the generic layer's part of a mapping (`done`): lets the
+    /// driver publish what it reserved, or give it up when that part failed.
+    fn publish(&self, done: Result<()>, commit: Option<crate::driver::Commit>) -> Result<()> {
+        match (done, commit) {
+            (Ok(()), Some(c)) => self.driver.commit(c).map_err(|e| self.err(e)),
+            (Ok(()), None) => Ok(()),
+            (Err(e), c) => {
+                if let Some(c) = c {
+                    self.driver.abort(c);
+                }
                 Err(e)
             }
         }
@@ -485,19 +492,8 @@ impl Image {
                 // The driver changed nothing for this part.
                 ZeroAction::Buffers => self.zero_buffers(pos, n, flags, true, touched),
             };
-            match (done, zm.commit) {
-                (Ok(()), Some(c)) => {
-                    touched.metadata = true;
-                    self.driver.commit(c).map_err(|e| self.err(e))?
-                }
-                (Ok(()), None) => {}
-                (Err(e), c) => {
-                    if let Some(c) = c {
-                        self.driver.abort(c);
-                    }
-                    return Err(e);
-                }
-            }
+            touched.metadata |= zm.commit.is_some();
+            self.publish(done, zm.commit)?;
             pos += n;
         }
         Ok(())
@@ -564,16 +560,7 @@ impl Image {
                     })
                 }
             };
-            match (done, dm.commit) {
-                (Ok(()), Some(c)) => self.driver.commit(c).map_err(|e| self.err(e))?,
-                (Ok(()), None) => {}
-                (Err(e), c) => {
-                    if let Some(c) = c {
-                        self.driver.abort(c);
-                    }
-                    return Err(e);
-                }
-            }
+            self.publish(done, dm.commit)?;
             pos += n;
         }
         Ok(())
