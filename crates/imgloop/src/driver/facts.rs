@@ -205,6 +205,10 @@ pub struct DriverOpenOptions {
     pub options: BTreeMap<String, String>,
     /// Which files the image may make the driver open (data files).
     pub policy: FilePolicy,
+    /// Storages the caller provides for files the image names, keyed by
+    /// the name as stored in the image: used instead of opening a file
+    /// (in-memory multi-file images, crash-simulation tests).
+    pub companions: BTreeMap<String, Arc<dyn crate::storage::Storage>>,
 }
 
 impl Default for DriverOpenOptions {
@@ -222,6 +226,7 @@ impl DriverOpenOptions {
             path: None,
             options: BTreeMap::new(),
             policy: FilePolicy::default(),
+            companions: BTreeMap::new(),
         }
     }
 

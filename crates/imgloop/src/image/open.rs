@@ -125,6 +125,7 @@ impl Image {
             path: Some(path.to_path_buf()),
             options: opts.driver_options.clone(),
             policy: opts.policy.clone(),
+            companions: BTreeMap::new(),
         };
         let driver = fmt.open(storage, &dopts).map_err(|e| e.in_file(path))?;
         // The other files of the image (data files) are locked like it.

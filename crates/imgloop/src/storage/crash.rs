@@ -1,12 +1,17 @@
-//! A storage that simulates power cuts: what was written since the last
-//! `sync` is lost in a crash.
+//! A storage that simulates power cuts.
 //!
 //! Reads see every write, as a page cache would. [`Storage::sync`] makes
-//! everything written so far durable. [`CrashStorage::crash`] returns the
-//! image as a power cut would leave it: only what was synced. Tests use
-//! it to check that a driver's `flush`/`sync` ordering really makes
-//! acknowledged writes durable, which a `kill -9` (page cache intact)
-//! cannot show.
+//! everything written so far durable. A power cut keeps everything up to
+//! the last completed sync, plus any subset of the changes after it, in
+//! any order a disk's volatile cache could have written them back, and a
+//! write may be torn: only some of its 512-byte sectors made it.
+//! [`CrashStorage::crash`] returns the worst case for durability (nothing
+//! after the last sync); [`CrashStorage::crash_sample`] one of the other
+//! states, chosen by a seed, for property tests that explore many.
+//!
+//! Tests use it to check that a driver's `flush`/`sync` ordering really
+//! makes acknowledged writes durable and keeps metadata consistent in
+//! every state, which a `kill -9` (page cache intact) cannot show.
 
 use super::{MemStorage, Storage};
 use std::io;
@@ -65,10 +70,62 @@ impl CrashStorage {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What a power cut now would leave: the synced content only.
+    /// What a power cut now would leave if nothing after the last sync
+    /// reached the disk.
     pub fn crash(&self) -> MemStorage {
         let _log = self.log();
         MemStorage::from_bytes(&self.durable.to_vec())
+    }
+
+    /// One state a power cut now could leave, chosen by `seed`: the synced
+    /// content, then each change since the last sync applied or not (in
+    /// the order they were made; an earlier change that was not applied
+    /// lets a later one to the same place be seen alone, as a reordering
+    /// cache would), and each applied write possibly torn to a subset of
+    /// its 512-byte sectors.
+    pub fn crash_sample(&self, seed: u64) -> MemStorage {
+        let log = self.log();
+        let out = MemStorage::from_bytes(&self.durable.to_vec());
+        let mut x = seed ^ 0x9E37_79B9_7F4A_7C15 | 1;
+        let mut next = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        // Which changes land: none, all, or each with even odds.
+        let mode = next() % 4;
+        for c in &log.changes {
+            let keep = match mode {
+                0 => false,
+                1 => true,
+                _ => next() % 2 == 0,
+            };
+            if !keep {
+                continue;
+            }
+            // In memory: errors cannot happen below the storage's limit.
+            let _ = match c {
+                Change::Write(off, data) => {
+                    if next() % 4 == 0 {
+                        // Torn: some of its sectors only.
+                        for (i, sector) in data.chunks(512).enumerate() {
+                            if next() % 2 == 0 {
+                                let _ = out.write_at(sector, off + i as u64 * 512);
+                            }
+                        }
+                        Ok(())
+                    } else {
+                        out.write_at(data, *off)
+                    }
+                }
+                Change::SetLen(len) => out.set_len(*len),
+                Change::Zero(off, len, unmap) => out.zero_range(*off, *len, *unmap),
+                Change::Punch(off, len) => out.punch_hole(*off, *len),
+                Change::Allocate(off, len) => out.allocate(*off, *len),
+            };
+        }
+        out
     }
 
     /// How many syncs reached this storage.
@@ -175,5 +232,32 @@ mod tests {
         assert_eq!(&after.to_vec()[..7], b"durable");
         assert_eq!(after.len().unwrap(), 7, "the unsynced growth is gone too");
         assert_eq!(s.syncs(), 1);
+    }
+
+    #[test]
+    fn crash_samples_range_from_nothing_to_everything_after_the_sync() {
+        let s = CrashStorage::new();
+        s.write_at(&[1; 1024], 0).unwrap();
+        s.sync().unwrap();
+        s.write_at(&[2; 1024], 0).unwrap();
+        s.write_at(&[3; 512], 1024).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..200 {
+            let v = s.crash_sample(seed).to_vec();
+            // Synced data is always there; every sector is old or new.
+            assert!(v.len() == 1024 || v.len() == 1536, "{}", v.len());
+            for (i, sector) in v.chunks(512).enumerate() {
+                let ok = match i {
+                    0 | 1 => sector == [1; 512] || sector == [2; 512],
+                    _ => sector == [3; 512],
+                };
+                assert!(ok, "seed {seed}: sector {i} is neither old nor new");
+            }
+            seen.insert((v[0], v[512], v.len()));
+        }
+        // Nothing, everything and torn states all occur.
+        assert!(seen.contains(&(1, 1, 1024)));
+        assert!(seen.contains(&(2, 2, 1536)));
+        assert!(seen.contains(&(2, 1, 1024)) || seen.contains(&(1, 2, 1024)));
     }
 }

@@ -91,10 +91,18 @@ impl Qcow2 {
                     "external data file feature set but no data file name",
                 )
             })?;
-            let data =
-                opts.policy
-                    .open(FileRole::DataFile, opts.path.as_deref(), name, !read_only)?;
-            storages.push(Arc::new(data));
+            // A storage the caller provides for the name wins; otherwise
+            // the file opens through the policy.
+            let data: Arc<dyn Storage> = match opts.companions.get(name) {
+                Some(s) => s.clone(),
+                None => Arc::new(opts.policy.open(
+                    FileRole::DataFile,
+                    opts.path.as_deref(),
+                    name,
+                    !read_only,
+                )?),
+            };
+            storages.push(data);
         }
         let tables = Tables {
             l1,
