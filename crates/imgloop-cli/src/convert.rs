@@ -179,6 +179,20 @@ fn convert(a: &Args) -> Result<()> {
         None => 4096,
     };
     let options = parse_options(&a.options)?;
+    // The target must not be a file the source reads: creating it would
+    // truncate the source (or its backing or data file), and writing it
+    // would overwrite data still to be copied.
+    if let Some(f) = src
+        .files()
+        .iter()
+        .find(|f| imgloop::image::same_file(f, &a.target))
+    {
+        return Err(Error::invalid_argument(format!(
+            "the target is the same file as '{}', which the source reads",
+            f.display()
+        ))
+        .in_file(&a.target));
+    }
     if !a.no_create {
         let opts = CreateOptions {
             size: src.size(),

@@ -1,7 +1,7 @@
 //! `imgloop create`.
 
 use crate::common::{fail, parse_options};
-use imgloop::size::parse_size;
+use imgloop::size::parse_image_size;
 use imgloop::{registry, CreateOptions, Error};
 use std::path::PathBuf;
 
@@ -53,11 +53,11 @@ fn create(a: Args) -> imgloop::Result<()> {
         .file
         .ok_or_else(|| Error::invalid_argument("Expecting image file name"))?;
     let mut size = match options.remove("size") {
-        Some(s) => Some(parse_size(&s)?),
+        Some(s) => Some(parse_image_size(&s)?),
         None => None,
     };
     if let Some(s) = &a.size {
-        size = Some(parse_size(s)?);
+        size = Some(parse_image_size(s)?);
     }
     let backing = a.backing.or_else(|| options.remove("backing_file"));
     let backing_fmt = a.backing_format.or_else(|| options.remove("backing_fmt"));

@@ -48,6 +48,29 @@ pub fn parse_size(text: &str) -> Result<u64> {
     whole.checked_add(part).ok_or_else(bad)
 }
 
+/// Largest image size: sizes are signed 64-bit offsets in files and in
+/// QEMU.
+pub const MAX_IMAGE_SIZE: u64 = i64::MAX as u64;
+
+/// Parses an image size ([`parse_size`]) and refuses one past
+/// [`MAX_IMAGE_SIZE`] with qemu-img's words.
+pub fn parse_image_size(text: &str) -> Result<u64> {
+    let range = || {
+        Error::invalid_argument(format!(
+            "Invalid image size specified. Must be between 0 and {MAX_IMAGE_SIZE}."
+        ))
+    };
+    match parse_size(text) {
+        Ok(v) if v <= MAX_IMAGE_SIZE => Ok(v),
+        Ok(_) => Err(range()),
+        // A plain number too large for 64 bits is out of range too.
+        Err(_) if !text.trim().is_empty() && text.trim().bytes().all(|b| b.is_ascii_digit()) => {
+            Err(range())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Formats bytes like qemu-img's human output: `10 MiB`, `1.5 GiB`, `512 B`.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -78,6 +101,28 @@ pub fn human_size(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn image_sizes_past_the_signed_64_bit_range_are_refused_with_the_range() {
+        for t in [
+            "18446744073709551615",
+            "9223372036854775808",
+            "99999999999999999999",
+            "8E",
+        ] {
+            let e = super::parse_image_size(t).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("Must be between 0 and 9223372036854775807"),
+                "{t}: {e}"
+            );
+        }
+        assert_eq!(
+            super::parse_image_size("9223372036854775807").unwrap(),
+            i64::MAX as u64
+        );
+        assert!(super::parse_image_size("12Q").is_err());
+    }
+
     use super::*;
 
     #[test]

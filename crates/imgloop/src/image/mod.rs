@@ -14,7 +14,7 @@
 mod io;
 mod open;
 
-pub use open::create;
+pub use open::{create, file_id, same_file};
 
 use crate::driver::{BackingRef, CheckReport, Driver, Preallocation, RepairMode};
 use crate::error::{Condition, Error, ErrorKind, Result};

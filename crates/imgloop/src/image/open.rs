@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Identity of a host file (device, inode), for loop detection.
-type FileId = (u64, u64);
+pub type FileId = (u64, u64);
 
 impl Image {
     /// Opens the image file at `path` and, as `opts.policy` allows, its
@@ -245,7 +245,39 @@ fn pick_format(
 pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
     let fmt = registry::find(format).map_err(|e| e.in_file(path))?;
     opts.check_known(fmt).map_err(|e| e.in_file(path))?;
+    if opts.size > crate::size::MAX_IMAGE_SIZE {
+        return Err(Error::invalid_argument(format!(
+            "Invalid image size specified. Must be between 0 and {}.",
+            crate::size::MAX_IMAGE_SIZE
+        ))
+        .in_file(path));
+    }
     let mut opts = opts.clone();
+    // Never truncate a file the new image is to use: its backing file or
+    // its data file (compared as files, after resolving the names the
+    // way the new image will).
+    let backing_path = opts
+        .backing_file
+        .as_deref()
+        .map(|b| FilePolicy::resolve(Some(path), b));
+    if let Some(full) = &backing_path {
+        if same_file(path, full) {
+            return Err(Error::invalid_argument(
+                "Trying to create an image with the same filename as the backing file",
+            )
+            .in_file(path));
+        }
+    }
+    if let Some(d) = opts.options.get("data_file") {
+        let data = FilePolicy::resolve(Some(path), d);
+        if same_file(path, &data) || backing_path.as_deref().is_some_and(|b| same_file(b, &data)) {
+            return Err(Error::invalid_argument(format!(
+                "the data file '{}' is the image itself or its backing file",
+                data.display()
+            ))
+            .in_file(path));
+        }
+    }
     if let Some(b) = &opts.backing_file {
         // Named by the caller, not by an untrusted image: open it (alone,
         // without its own chain) for its size and format.
@@ -284,4 +316,33 @@ pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
         return Err(e.in_file(path));
     }
     Ok(())
+}
+
+/// Identity of an existing file: (device, inode).
+pub fn file_id(path: &Path) -> Option<FileId> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// True when `a` and `b` both exist and are the same file (hard links and
+/// symlinks included).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((file_id(a), file_id(b)), (Some(x), Some(y)) if x == y)
+}
+
+impl Image {
+    /// Every host file this image and its backing chain read or write:
+    /// image files and the files their drivers keep data in.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = Vec::new();
+        for img in self.chain() {
+            for s in img.driver().storages() {
+                if let Some(p) = s.path() {
+                    if !out.iter().any(|o| o == p) {
+                        out.push(p.to_path_buf());
+                    }
+                }
+            }
+        }
+        out
+    }
 }

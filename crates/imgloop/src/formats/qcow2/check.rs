@@ -24,6 +24,17 @@
 //!
 //! A repair that leaves no corruption clears the dirty and corrupt bits.
 //!
+//! Repairs never make things worse:
+//! - when part of the metadata could not be read or walked (a snapshot
+//!   table or L1 table that is invalid, an L2 table that cannot be read, a
+//!   bitmap directory that does not parse), the references it holds are
+//!   unknown, so no refcount is lowered: leaks are left, and a rebuild
+//!   keeps every stored refcount that is higher than the count;
+//! - new structures of a rebuild go only into clusters nothing reachable
+//!   from the header occupies, valid or not (the snapshot table and
+//!   bitmap directory as far as the file holds them, every table an entry
+//!   names), so nothing that qemu-img could still read is overwritten.
+//!
 //! Beyond QEMU, `-r all` also repairs what QEMU only reports, so that a
 //! repaired image is clean: reserved bits are cleared, an unaligned data
 //! cluster or a data cluster or L2 table past the end of the file is
@@ -83,6 +94,14 @@ struct Pass<'a> {
     l1_fixes: Vec<L1Fix>,
     /// Refcount blocks read during this pass (cleared on every change).
     blocks: HashMap<u64, Box<[u8]>>,
+    /// Some metadata could not be read or walked: its references are not
+    /// counted, so no refcount may be lowered.
+    incomplete: bool,
+    /// `-r all`: clear a garbage snapshot table offset (no snapshots).
+    fix_snapshots_offset: bool,
+    /// Clusters something reachable from the header occupies, counted or
+    /// not: a rebuild never writes there.
+    pinned: Vec<bool>,
     /// Statistics of the active image.
     allocated: u64,
     fragmented: u64,
@@ -118,6 +137,9 @@ impl<'a> Pass<'a> {
             l2_fixes: BTreeMap::new(),
             l1_fixes: Vec::new(),
             blocks: HashMap::new(),
+            incomplete: false,
+            fix_snapshots_offset: false,
+            pinned: vec![false; file_len.div_ceil(cs) as usize],
             allocated: 0,
             fragmented: 0,
             compressed: 0,
@@ -153,6 +175,7 @@ impl<'a> Pass<'a> {
         if len == 0 {
             return true;
         }
+        self.pin(off, len);
         if !self.in_file(off, len) {
             return false;
         }
@@ -165,6 +188,27 @@ impl<'a> Pass<'a> {
             *r = r.saturating_add(1);
         }
         true
+    }
+
+    /// Marks the clusters of `[off, off+len)` that lie in the file as
+    /// occupied (for the rebuild's allocation; not a reference).
+    fn pin(&mut self, off: u64, len: u64) {
+        if len == 0 || off >= self.file_len {
+            return;
+        }
+        let end = off.saturating_add(len).min(self.file_len);
+        let first = (off / self.cs) as usize;
+        let last = ((end - 1) / self.cs) as usize;
+        let last = last.min(self.pinned.len().saturating_sub(1));
+        for p in self.pinned.iter_mut().take(last + 1).skip(first) {
+            *p = true;
+        }
+    }
+
+    /// Notes that some metadata could not be read or walked.
+    fn unknown(&mut self, msg: String) {
+        self.incomplete = true;
+        self.error(msg);
     }
 
     fn eof_message(off: u64, len: u64) -> String {
@@ -234,6 +278,10 @@ impl<'a> Pass<'a> {
         self.check_copied(m)?;
         self.finish_stats();
         self.res.image_end_offset = Some((self.highest + 1) * self.cs);
+        if self.fix_snapshots_offset {
+            m.header.snapshots_offset = 0;
+            self.q.write_header(m)?;
+        }
         if self.repair.is_some() {
             if self.res.check_errors == 0 && self.res.corruptions == 0 {
                 let flags = header::incompat::DIRTY | header::incompat::CORRUPT;
@@ -264,21 +312,38 @@ impl<'a> Pass<'a> {
         let l1 = m.l1.clone();
         self.walk_l1(m, &l1, h.l1_table_offset, true);
 
-        if h.nb_snapshots > 0 {
+        if h.nb_snapshots == 0 {
+            if h.snapshots_offset != 0 && !h.snapshots_offset.is_multiple_of(cs) {
+                // qemu-img refuses to open this; nothing uses the offset.
+                if self.fix_entries {
+                    self.fix_snapshots_offset = true;
+                    self.repaired(
+                        "Repairing snapshot table offset invalid (no snapshots): cleared".into(),
+                    );
+                } else {
+                    self.error("ERROR snapshot table offset invalid".into());
+                }
+            }
+        } else if !h.snapshots_offset.is_multiple_of(cs) {
+            self.unknown("ERROR snapshot table offset invalid".into());
+            self.pin(h.snapshots_offset, 64 << 20);
+        } else {
             match snapshot::read_table(self.q.file(), h.snapshots_offset, h.nb_snapshots) {
                 Ok(t) => {
                     self.inc_or_report(h.snapshots_offset, t.bytes);
                     for snap in &t.entries {
+                        let l1_bytes = snap.l1_size as u64 * 8;
                         if !snap.l1_table_offset.is_multiple_of(cs)
-                            || snap.l1_size as u64 * 8 > header::MAX_L1_BYTES
+                            || l1_bytes > header::MAX_L1_BYTES
                         {
-                            self.error(format!(
-                                "ERROR snapshot '{}' has an invalid L1 table (offset {:#x}, {} entries)",
+                            self.pin(snap.l1_table_offset, l1_bytes.min(header::MAX_L1_BYTES));
+                            self.unknown(format!(
+                                "ERROR snapshot '{}' has an invalid L1 table (offset {:#x}, {} entries); snapshot table entry corrupted",
                                 snap.id, snap.l1_table_offset, snap.l1_size
                             ));
                             continue;
                         }
-                        self.inc_or_report(snap.l1_table_offset, snap.l1_size as u64 * 8);
+                        self.inc_or_report(snap.l1_table_offset, l1_bytes);
                         match read_u64_table(
                             self.q.file(),
                             snap.l1_table_offset,
@@ -289,12 +354,15 @@ impl<'a> Pass<'a> {
                             Ok(sl1) => self.walk_l1(m, &sl1, snap.l1_table_offset, false),
                             Err(e) => {
                                 self.res.check_errors += 1;
-                                self.say(format!("ERROR reading a snapshot L1 table: {e}"));
+                                self.unknown(format!("ERROR reading a snapshot L1 table: {e}"));
                             }
                         }
                     }
                 }
-                Err(e) => self.error(format!("ERROR snapshot table: {e}")),
+                Err(e) => {
+                    self.pin(h.snapshots_offset, 64 << 20);
+                    self.unknown(format!("ERROR snapshot table: {e}"));
+                }
             }
         }
 
@@ -379,6 +447,20 @@ impl<'a> Pass<'a> {
                 }
                 continue;
             }
+            if l2 == 0 && e != 0 {
+                // Flags without a table: qemu-img takes cluster 0 for an
+                // L2 table; nothing can be read there.
+                if fix {
+                    self.repaired(format!(
+                        "Repairing L1 entry {i} with flags but no L2 table: {orig:x}"
+                    ));
+                    e = 0;
+                } else {
+                    self.error(format!(
+                        "ERROR L1 entry {i} has flags set but no L2 table: {orig:x}"
+                    ));
+                }
+            }
             if e != orig {
                 self.l1_fixes.push((l1_off, i, e, active));
             }
@@ -390,7 +472,7 @@ impl<'a> Pass<'a> {
                 Ok(t) => t,
                 Err(err) => {
                     self.res.check_errors += 1;
-                    self.say(format!("ERROR reading the L2 table at {l2:#x}: {err}"));
+                    self.unknown(format!("ERROR reading the L2 table at {l2:#x}: {err}"));
                     continue;
                 }
             };
@@ -557,14 +639,14 @@ impl<'a> Pass<'a> {
 
     fn count_bitmaps(&mut self, ext: &[u8]) {
         if ext.len() < 24 {
-            self.error("ERROR bitmaps extension is too short".into());
+            self.unknown("ERROR bitmaps extension is too short".into());
             return;
         }
         let nb = u32::from_be_bytes(ext[0..4].try_into().expect("4")) as u64;
         let dir_size = u64::from_be_bytes(ext[8..16].try_into().expect("8"));
         let dir_off = u64::from_be_bytes(ext[16..24].try_into().expect("8"));
         if dir_size > 64 << 20 || nb > 65535 {
-            self.error("ERROR bitmap directory is too large".into());
+            self.unknown("ERROR bitmap directory is too large".into());
             return;
         }
         self.inc_or_report(dir_off, dir_size);
@@ -576,14 +658,14 @@ impl<'a> Pass<'a> {
             Ok(d) => d,
             Err(e) => {
                 self.res.check_errors += 1;
-                self.say(format!("ERROR reading the bitmap directory: {e}"));
+                self.unknown(format!("ERROR reading the bitmap directory: {e}"));
                 return;
             }
         };
         let bitmaps = match super::bitmap::parse_directory(&dir, nb as u32) {
             Ok(b) => b,
             Err(e) => {
-                self.error(format!("ERROR bitmap directory: {e}"));
+                self.unknown(format!("ERROR bitmap directory: {e}"));
                 return;
             }
         };
@@ -591,19 +673,22 @@ impl<'a> Pass<'a> {
             let table_size = b.table_size as u64;
             self.inc_or_report(b.table_offset, table_size * 8);
             if table_size <= (1 << 24) {
-                if let Ok(t) = read_u64_table(
+                match read_u64_table(
                     self.q.file(),
                     b.table_offset,
                     table_size,
                     self.cs,
                     "bitmap table",
                 ) {
-                    for v in t {
-                        let off = v & entry::L2_OFFSET_MASK;
-                        if off > 1 {
-                            self.inc_or_report(off, self.cs);
+                    Ok(t) => {
+                        for v in t {
+                            let off = v & entry::L2_OFFSET_MASK;
+                            if off > 1 {
+                                self.inc_or_report(off, self.cs);
+                            }
                         }
                     }
+                    Err(e) => self.unknown(format!("ERROR bitmap '{}': {e}", b.name)),
                 }
             }
         }
@@ -704,6 +789,13 @@ impl<'a> Pass<'a> {
                 self.res.corruptions += 1;
                 continue;
             }
+            if leak && self.incomplete {
+                // What could not be read may reference this cluster.
+                self.say(format!(
+                    "Not repairing cluster {c} refcount={stored} reference={want}: part of the metadata could not be read, so its references are unknown"
+                ));
+                continue;
+            }
             self.q.set_refcount(m, c, want)?;
             self.blocks.clear();
             self.say(format!(
@@ -746,7 +838,7 @@ impl<'a> Pass<'a> {
         }
         for mm in &mismatches {
             let &(c, stored, want) = mm;
-            if stored > want {
+            if stored > want && !self.incomplete {
                 // The old structure, and anything counted twice.
                 self.q.set_refcount(m, c, want)?;
                 self.blocks.clear();
@@ -791,6 +883,20 @@ impl<'a> Pass<'a> {
     fn write_new_refcounts(&mut self, m: &mut Tables) -> Result<()> {
         let q = self.q;
         let cs = self.cs;
+        if self.incomplete {
+            // Keep or raise, never drop: references in what could not be
+            // read are unknown, so the stored refcount stands where it is
+            // higher (and readable).
+            self.say(
+                "Part of the metadata could not be read: the rebuilt refcounts keep every higher stored refcount".into(),
+            );
+            for c in 0..self.refs.len() as u64 {
+                if let Ok(stored) = self.stored(m, c) {
+                    let r = &mut self.refs[c as usize];
+                    *r = (*r).max(stored.min(u32::MAX as u64) as u32);
+                }
+            }
+        }
         let bits = m.header.refcount_bits();
         let max = if bits == 64 {
             u64::MAX
@@ -799,6 +905,7 @@ impl<'a> Pass<'a> {
         };
         let per = q.rc_per_block(m) as usize;
         let refs = &mut self.refs;
+        let pinned = &self.pinned;
         let mut first_free = 0usize;
         let mut blocks: Vec<u64> = Vec::new();
         let mut table: Option<(usize, usize)> = None;
@@ -811,7 +918,7 @@ impl<'a> Pass<'a> {
                 }
                 let end = ((b + 1) * per).min(refs.len());
                 if blocks[b] == 0 && refs[b * per..end].iter().any(|&r| r != 0) {
-                    blocks[b] = alloc_run(refs, &mut first_free, 1) as u64;
+                    blocks[b] = alloc_run(refs, pinned, &mut first_free, 1) as u64;
                     added = true;
                 }
                 b += 1;
@@ -828,7 +935,7 @@ impl<'a> Pass<'a> {
                         refs[s..s + n].fill(0);
                         first_free = first_free.min(s);
                     }
-                    table = Some((alloc_run(refs, &mut first_free, need), need));
+                    table = Some((alloc_run(refs, pinned, &mut first_free, need), need));
                 }
             }
         }
@@ -966,14 +1073,14 @@ impl<'a> Pass<'a> {
 /// First-fit allocation of `n` free clusters in the counts (growing them at
 /// the end); marks them used and returns the first. `first_free` is a lower
 /// bound of the first free cluster.
-fn alloc_run(refs: &mut Vec<u32>, first_free: &mut usize, n: usize) -> usize {
+fn alloc_run(refs: &mut Vec<u32>, pinned: &[bool], first_free: &mut usize, n: usize) -> usize {
     let mut start = *first_free;
     let mut i = start;
     loop {
         if i >= refs.len() {
             refs.resize(i + 1, 0);
         }
-        if refs[i] != 0 {
+        if refs[i] != 0 || pinned.get(i) == Some(&true) {
             start = i + 1;
         } else if i + 1 - start == n {
             break;
@@ -995,10 +1102,10 @@ mod tests {
     fn first_fit_takes_the_first_hole_that_is_large_enough() {
         let mut refs = vec![1, 0, 1, 0, 0, 1];
         let mut ff = 0;
-        assert_eq!(alloc_run(&mut refs, &mut ff, 2), 3);
+        assert_eq!(alloc_run(&mut refs, &[], &mut ff, 2), 3);
         assert_eq!(refs, vec![1, 0, 1, 1, 1, 1]);
-        assert_eq!(alloc_run(&mut refs, &mut ff, 1), 1);
-        assert_eq!(alloc_run(&mut refs, &mut ff, 2), 6);
+        assert_eq!(alloc_run(&mut refs, &[], &mut ff, 1), 1);
+        assert_eq!(alloc_run(&mut refs, &[], &mut ff, 2), 6);
         assert_eq!(refs.len(), 8);
     }
 }

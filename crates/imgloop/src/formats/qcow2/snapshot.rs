@@ -32,6 +32,7 @@ pub struct Snapshot {
 }
 
 /// Byte range of the table plus the parsed entries.
+#[derive(Debug)]
 pub struct SnapshotTable {
     /// Bytes the table occupies from `snapshots_offset`.
     pub bytes: u64,
@@ -49,48 +50,69 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8"))
 }
 
-/// Reads `count` snapshot entries at `offset`.
+/// Reads `count` snapshot entries at `offset`, as QEMU reads them: each
+/// entry starts at the next multiple of 8, and the part of the table past
+/// the end of the file reads as zeroes (an entry there has an empty ID and
+/// name), so a name that runs past the end is cut at the end. Refused, as
+/// QEMU refuses: extra data over 1024 bytes, a table over 64 MiB.
 pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<SnapshotTable> {
     let mut entries = Vec::new();
     let mut pos = offset;
     let file_len = storage
         .len()
         .map_err(|e| Error::io("reading image size", e))?;
+    // Reads `len` bytes at `at`, zeroes past the end of the file; `len`
+    // is bounded by the table limit before this is called.
     let read = |at: u64, len: usize| -> Result<Vec<u8>> {
-        if at.checked_add(len as u64).is_none_or(|end| end > file_len) {
-            return Err(Error::corrupt(
-                "snapshot table",
-                at,
-                "snapshot table lies past the end of the file",
-            ));
-        }
         let mut b = vec![0u8; len];
-        storage
-            .read_at(&mut b, at)
-            .map_err(|e| Error::io("reading the snapshot table", e).at("snapshot table", at))?;
+        if at < file_len {
+            let n = (file_len - at).min(len as u64) as usize;
+            storage
+                .read_at(&mut b[..n], at)
+                .map_err(|e| Error::io("reading the snapshot table", e).at("snapshot table", at))?;
+        }
         Ok(b)
     };
-    for _ in 0..count {
+    let too_big = |i: u32| {
+        Error::corrupt(
+            "snapshot table",
+            offset,
+            format!("Snapshot table is too big (entry {i} ends past {MAX_TABLE_BYTES} bytes)"),
+        )
+    };
+    for i in 0..count {
+        let fixed_end = (pos - offset) + 40;
+        if fixed_end > MAX_TABLE_BYTES {
+            return Err(too_big(i));
+        }
         let h = read(pos, 40)?;
         let extra = be32(&h, 36);
         if extra > MAX_EXTRA {
             return Err(Error::corrupt(
                 "snapshot table",
                 pos,
-                "snapshot extra data is too large",
+                format!("Too much extra metadata in snapshot table entry {i}"),
             ));
         }
         let id_len = be16(&h, 12) as usize;
         let name_len = be16(&h, 14) as usize;
-        let rest = read(pos + 40, extra as usize + id_len + name_len)?;
+        let rest_len = extra as usize + id_len + name_len;
+        if fixed_end + rest_len as u64 > MAX_TABLE_BYTES {
+            return Err(too_big(i));
+        }
+        let rest = read(pos + 40, rest_len)?;
         let ex = &rest[..extra as usize];
         let mut vm_state_size = be32(&h, 32) as u64;
         if extra >= 8 {
             vm_state_size = be64(ex, 0);
         }
-        let id =
-            String::from_utf8_lossy(&rest[extra as usize..extra as usize + id_len]).into_owned();
-        let name = String::from_utf8_lossy(&rest[extra as usize + id_len..]).into_owned();
+        let text = |b: &[u8]| {
+            String::from_utf8_lossy(b)
+                .trim_end_matches('\0')
+                .to_string()
+        };
+        let id = text(&rest[extra as usize..extra as usize + id_len]);
+        let name = text(&rest[extra as usize + id_len..]);
         entries.push(Snapshot {
             l1_table_offset: be64(&h, 0),
             l1_size: be32(&h, 8),
@@ -106,16 +128,69 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<Snap
         });
         let len = 40 + rest.len() as u64;
         pos += len.div_ceil(8) * 8;
-        if pos - offset > MAX_TABLE_BYTES {
-            return Err(Error::corrupt(
-                "snapshot table",
-                offset,
-                "snapshot table is too large",
-            ));
-        }
     }
     Ok(SnapshotTable {
         bytes: pos - offset,
         entries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemStorage, Storage};
+
+    fn entry(id: &str, name: &str, name_len: u16, extra: u32) -> Vec<u8> {
+        let mut e = vec![0u8; 40];
+        e[0..8].copy_from_slice(&0x3_0000u64.to_be_bytes());
+        e[8..12].copy_from_slice(&2u32.to_be_bytes());
+        e[12..14].copy_from_slice(&(id.len() as u16).to_be_bytes());
+        e[14..16].copy_from_slice(&name_len.to_be_bytes());
+        e[36..40].copy_from_slice(&extra.to_be_bytes());
+        e.extend(std::iter::repeat_n(0, extra as usize));
+        e.extend_from_slice(id.as_bytes());
+        e.extend_from_slice(name.as_bytes());
+        e
+    }
+
+    #[test]
+    fn a_name_running_past_the_end_of_the_file_reads_as_qemu_reads_it() {
+        // name_size says 1000, the file ends after "abc": the rest reads
+        // as zeroes, and the name is "abc", as `qemu-img snapshot -l` shows.
+        let mut file = vec![0u8; 4096];
+        let e = entry("1", "abc", 1000, 16);
+        file.extend_from_slice(&e);
+        let mem = MemStorage::from_bytes(&file);
+        let t = read_table(&mem, 4096, 1).unwrap();
+        assert_eq!(t.entries[0].name, "abc");
+        assert_eq!(t.entries[0].id, "1");
+        assert_eq!(t.bytes, (40 + 16 + 1 + 1000u64).div_ceil(8) * 8);
+        // A table wholly past the end reads as empty entries.
+        let t = read_table(&mem, 1 << 20, 2).unwrap();
+        assert_eq!(t.entries.len(), 2);
+        assert_eq!(t.entries[1].name, "");
+    }
+
+    #[test]
+    fn too_much_extra_data_and_too_big_tables_are_refused_as_qemu_does() {
+        let mut file = vec![0u8; 512];
+        file.extend_from_slice(&entry("1", "x", 1, 1025));
+        let mem = MemStorage::from_bytes(&file);
+        let Err(e) = read_table(&mem, 512, 1) else {
+            panic!("too much extra data was accepted");
+        };
+        assert!(e.to_string().contains("Too much extra metadata"), "{e}");
+        // 65535-byte names: the table passes 64 MiB after about 1000 entries.
+        let mut big = [0u8; 40];
+        big[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
+        let mem = MemStorage::new();
+        let step = (40 + 65535u64).div_ceil(8) * 8;
+        for i in 0..1100 {
+            mem.write_at(&big, i * step).unwrap();
+        }
+        let Err(e) = read_table(&mem, 0, 1100) else {
+            panic!("a table of 1100 entries of 64 KiB was accepted");
+        };
+        assert!(e.to_string().contains("too big"), "{e}");
+    }
 }
