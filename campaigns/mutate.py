@@ -333,15 +333,14 @@ def locate_qcow2(path):
         data = f.read()
     fd = Found(data)
     fd.seen, fd.data_file = set(), False
-    h = {n: be(data, o, w) for n, o, w in QCOW2_HDR}
+    h = dict(zip([n for n, _, _ in QCOW2_HDR], struct.unpack_from(">IIQIIQIIQQIIQ", data, 0)))
     fd.fields += QCOW2_HDR
     cs = 1 << h["cluster_bits"]
     hdr_len, ext_l2 = 72, False
     if h["version"] >= 3:
         fd.fields += QCOW2_HDR_V3
-        hdr_len = be(data, 100, 4)
-        ext_l2 = bool(be(data, 72, 8) & 16)
-        fd.data_file = bool(be(data, 72, 8) & 4)
+        incompat, _, _, _, hdr_len = struct.unpack_from(">QQQII", data, 72)
+        ext_l2, fd.data_file = bool(incompat & 16), bool(incompat & 4)
         if hdr_len > 104:
             fd.field("compression_type", 104, 1)
     bitmap_ext = qcow2_extensions(fd, hdr_len, cs)
@@ -462,9 +461,10 @@ def qemu_probe(d, main, fmt, out):
 def judge(res, name, argv, r):
     """Count one imgloop run; append its failures to res."""
     res["commands"] += 1
-    res["rss_max_kib"] = max(res["rss_max_kib"], r["rss_kib"])
-    res["exit_codes"].setdefault(name, {}).setdefault(str(r["rc"]), 0)
-    res["exit_codes"][name][str(r["rc"])] += 1
+    if r["rss_kib"] > res["rss_max_kib"]:
+        res["rss_max_kib"], res["rss_max_cmd"] = r["rss_kib"], name
+    codes = res["exit_codes"].setdefault(name, {})
+    codes[str(r["rc"])] = codes.get(str(r["rc"]), 0) + 1
 
     def fail(kind):
         res["failures"].append({"kind": kind, "command": name, "argv": argv, "rc": r["rc"],
@@ -554,7 +554,7 @@ def run_image(task):
                                     "repair_rc": r["rc"]})
     except Exception as e:   # a harness problem, not an imgloop finding
         res["failures"].append({"kind": "harness_error", "error": repr(e)})
-    if res["failures"] or "convert-content-differs" in res["notes"]:
+    if res["failures"] or "convert-content-differs" in res["notes"] or task.get("keep_always"):
         keep_case(task, res)
     shutil.rmtree(top, ignore_errors=True)
     return res
@@ -562,7 +562,7 @@ def run_image(task):
 
 def keep_case(task, res):
     """Rebuild the mutated image set from its base into the keep dir, with a description."""
-    sub = "" if res["failures"] else "notes"
+    sub = "" if res["failures"] or task.get("keep_always") else "notes"
     dest = os.path.join(task["keep"], sub, task["id"])
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(task["base"]["dir"], dest)
@@ -572,12 +572,13 @@ def keep_case(task, res):
             "mutations": task["mutations"], "failures": res["failures"], "notes": res["notes"]}
     with open(os.path.join(dest, "mutation.json"), "w") as f:
         json.dump(desc, f, indent=1)
+    m, il = task["base"]["main"], task["imgloop"]
     with open(os.path.join(dest, "replay.sh"), "w") as f:
-        m, il = task["base"]["main"], task["imgloop"]
-        f.write(f"#!/bin/sh\n# replay {task['id']}: run in a copy of this dir\ncd \"$(dirname \"$0\")\"\n"
-                f"{il} info --output json {m}\n{il} map --output json {m}\n"
-                f"{il} convert -O raw {m} /tmp/out.raw\n{il} check {m}\n"
-                f"cp {m} {m}.repair && {il} check -r all {m}.repair\n")
+        f.write(f"#!/bin/sh -x\n# replay {task['id']} on a copy of this dir\nrm -rf /tmp/replay && "
+                f"cp -r \"$(dirname \"$0\")\" /tmp/replay && cd /tmp/replay || exit 1\n"
+                + "".join(f"{il} {c} {m}\n" for c in ("info --output json", "map --output json",
+                                                       "check", "check -r all"))
+                + f"{il} convert -O raw {m} /tmp/replay.out.raw\n")
 
 
 # ---------------------------------------------------------------- campaign
@@ -614,7 +615,7 @@ def build_bases(args):
 
 def summarize(results, secs, args, keep):
     s = {"images": len(results), "commands": 0, "panics": 0, "signals": 0, "hangs": 0,
-         "rss_max_mib": 0.0, "rss_over_256mib": 0, "readonly_changed": 0, "repair_worse": 0,
+         "rss_max_mib": 0.0, "rss_max_where": "", "rss_over_256mib": 0, "readonly_changed": 0, "repair_worse": 0,
          "repair_worse_by_kind": {}, "bad_exit_codes": 0, "harness_errors": 0,
          "convert_content_differs": 0, "convert_size_differs": 0, "exit_codes": {}, "failing_images": 0,
          "seconds": round(secs, 1), "seed": args.seed, "keep": keep, "by_base": {}}
@@ -623,7 +624,9 @@ def summarize(results, secs, args, keep):
            "repair_worse": "repair_worse", "harness_error": "harness_errors"}
     for r in results:
         s["commands"] += r["commands"]
-        s["rss_max_mib"] = max(s["rss_max_mib"], round(r["rss_max_kib"] / 1024, 1))
+        if r["rss_max_kib"] / 1024 > s["rss_max_mib"]:
+            s["rss_max_mib"] = round(r["rss_max_kib"] / 1024, 1)
+            s["rss_max_where"] = f"{r['id']} {r.get('rss_max_cmd')}"
         s["convert_content_differs"] += "convert-content-differs" in r["notes"]
         s["convert_size_differs"] += "convert-size-differs" in r["notes"]
         s["failing_images"] += bool(r["failures"])
@@ -644,7 +647,8 @@ def summarize(results, secs, args, keep):
 
 def print_summary(s):
     print("\n== mutate summary ==")
-    for k in ("images", "commands", "panics", "signals", "hangs", "rss_max_mib", "rss_over_256mib",
+    for k in ("images", "commands", "panics", "signals", "hangs", "rss_max_mib", "rss_max_where",
+              "rss_over_256mib",
               "readonly_changed", "repair_worse", "bad_exit_codes", "harness_errors",
               "convert_content_differs", "convert_size_differs", "failing_images", "seconds", "seed"):
         print(f"  {k:28} {s[k]}")
@@ -668,6 +672,7 @@ def parse_args(argv):
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny run: 20 images per format, 5 s timeout")
     p.add_argument("--json", default=None, help="write the summary as JSON here")
+    p.add_argument("--only", default=None, help="run (and keep) only these image ids, comma-separated")
     a = p.parse_args(argv)
     a.formats = [f for f in a.formats.split(",") if f]
     for f in a.formats:
@@ -694,6 +699,8 @@ def main(argv=None):
     try:
         bases = build_bases(args)
         tasks = make_tasks(args, bases, keep)
+        if args.only:
+            tasks = [dict(t, keep_always=True) for t in tasks if t["id"] in args.only.split(",")]
         results = []
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futs = [pool.submit(run_image, t) for t in tasks]

@@ -74,7 +74,11 @@ pub(super) fn check(q: &Qcow2, repair: Option<RepairMode>) -> Result<CheckReport
 }
 
 /// Repaired L1 entry: (table offset, index, new value, is the active table).
-type L1Fix = (u64, usize, u64, bool);
+type L1Fix = (u64, u32, u64, bool);
+
+/// Findings kept word for word; past this many, only counted (a crafted
+/// table can hold millions of bad entries, and each message costs memory).
+const MAX_MESSAGES: usize = 10_000;
 
 struct Pass<'a> {
     q: &'a Qcow2,
@@ -99,6 +103,8 @@ struct Pass<'a> {
     incomplete: bool,
     /// `-r all`: clear a garbage snapshot table offset (no snapshots).
     fix_snapshots_offset: bool,
+    /// `-r all`: the active L1 table is cut to this many entries.
+    trim_l1: Option<usize>,
     /// Clusters something reachable from the header occupies, counted or
     /// not: a rebuild never writes there.
     pinned: Vec<bool>,
@@ -139,6 +145,7 @@ impl<'a> Pass<'a> {
             blocks: HashMap::new(),
             incomplete: false,
             fix_snapshots_offset: false,
+            trim_l1: None,
             pinned: vec![false; file_len.div_ceil(cs) as usize],
             allocated: 0,
             fragmented: 0,
@@ -148,7 +155,13 @@ impl<'a> Pass<'a> {
     }
 
     fn say(&mut self, msg: String) {
-        self.res.messages.push(msg);
+        match self.res.messages.len() {
+            n if n < MAX_MESSAGES => self.res.messages.push(msg),
+            n if n == MAX_MESSAGES => self.res.messages.push(
+                "(more findings are counted but not listed: the image is badly damaged)".into(),
+            ),
+            _ => {}
+        }
     }
 
     /// A corruption left as it is.
@@ -275,6 +288,15 @@ impl<'a> Pass<'a> {
             }
             None => self.report(&mismatches),
         }
+        if let Some(n) = self.trim_l1.filter(|&n| n < m.l1.len()) {
+            // Before the COPIED pass: nothing past the needed entries is
+            // an L1 entry any more, and nothing may be written there.
+            m.l1.truncate(n);
+            m.l1_dirty.retain(|&i| i < n);
+            m.header.l1_size = n as u32;
+            self.q.write_header(m)?;
+            self.q.sync_file()?;
+        }
         self.check_copied(m)?;
         self.finish_stats();
         self.res.image_end_offset = Some((self.highest + 1) * self.cs);
@@ -282,6 +304,7 @@ impl<'a> Pass<'a> {
             m.header.snapshots_offset = 0;
             self.q.write_header(m)?;
         }
+
         if self.repair.is_some() {
             if self.res.check_errors == 0 && self.res.corruptions == 0 {
                 let flags = header::incompat::DIRTY | header::incompat::CORRUPT;
@@ -308,9 +331,31 @@ impl<'a> Pass<'a> {
         let cs = self.cs;
         let h = m.header.clone();
         self.inc_or_report(0, cs);
-        self.inc_or_report(h.l1_table_offset, h.l1_size as u64 * 8);
-        let l1 = m.l1.clone();
-        self.walk_l1(m, &l1, h.l1_table_offset, true);
+        // An L1 table longer than the virtual size needs, whose extra part
+        // runs a cluster or more past the end of the file or holds invalid
+        // entries: nothing can use those entries, so `-r all` trims the
+        // table to what is needed (the rest of its clusters become leaks).
+        let needed = h.size.div_ceil(cs * self.q.l2_entries) as usize;
+        let l1_end = h.l1_table_offset.saturating_add(h.l1_size as u64 * 8);
+        let extra_bad = m.l1.len() > needed
+            && (!self.in_file(h.l1_table_offset, h.l1_size as u64 * 8)
+                || m.l1[needed..].iter().any(|&e| {
+                    e & entry::L1_RESERVED != 0
+                        || !(e & entry::L1_OFFSET_MASK).is_multiple_of(cs)
+                        || (e & entry::L1_OFFSET_MASK) >= self.file_len
+                }));
+        let walk = if self.fix_entries && extra_bad && self.trim_l1.is_none() {
+            self.trim_l1 = Some(needed);
+            self.repaired(format!(
+                "Repairing L1 table: {} entries, the virtual size needs {needed} and the rest (up to offset {l1_end:#x}) cannot be used; trimmed to {needed}",
+                h.l1_size
+            ));
+            needed
+        } else {
+            self.trim_l1.unwrap_or(m.l1.len()).min(m.l1.len())
+        };
+        self.inc_or_report(h.l1_table_offset, walk as u64 * 8);
+        self.walk_l1(m, &m.l1[..walk], h.l1_table_offset, true);
 
         if h.nb_snapshots == 0 {
             if h.snapshots_offset != 0 && !h.snapshots_offset.is_multiple_of(cs) {
@@ -436,7 +481,7 @@ impl<'a> Pass<'a> {
                 };
                 if fix {
                     self.repaired(format!("Repairing {why}; L1 entry {i} cleared"));
-                    self.l1_fixes.push((l1_off, i, 0, active));
+                    self.l1_fixes.push((l1_off, i as u32, 0, active));
                 } else if l2.is_multiple_of(cs) {
                     self.inc_or_report(l2, cs);
                 } else {
@@ -462,7 +507,7 @@ impl<'a> Pass<'a> {
                 }
             }
             if e != orig {
-                self.l1_fixes.push((l1_off, i, e, active));
+                self.l1_fixes.push((l1_off, i as u32, e, active));
             }
             if l2 == 0 {
                 continue;
@@ -867,6 +912,7 @@ impl<'a> Pass<'a> {
             }
         }
         for (l1_off, i, v, active) in std::mem::take(&mut self.l1_fixes) {
+            let i = i as usize;
             q.file()
                 .write_at(&v.to_be_bytes(), l1_off + i as u64 * 8)
                 .map_err(io("writing a repaired L1 entry"))?;

@@ -43,15 +43,21 @@ impl Qcow2 {
         let cs = header.cluster_size();
         let l2_cache = parse_cache_size(opts, "l2-cache-size", DEFAULT_L2_CACHE)?;
         let rc_cache = parse_cache_size(opts, "refcount-cache-size", (l2_cache / 4).max(4 * cs))?;
-        // L1 table: l1_size entries (bounded by the header check).
-        let l1 = read_u64_table(
+        // The header tables (bounded by the header check: 32 MiB, 8 MiB)
+        // read as zeroes where they run past the end of the file, as
+        // qemu-img reads them, so such an image opens and its data can
+        // be recovered.
+        let l1 = read_header_table(
             &*storage,
             header.l1_table_offset,
             header.l1_size as u64,
-            cs,
             "L1 table",
         )?;
-        for (i, &e) in l1.iter().enumerate().filter(|_| !for_check) {
+        // Only the entries the virtual size reaches are ever used; a
+        // table longer than that may hold anything past them (qemu-img
+        // opens such images too).
+        let needed = header.size.div_ceil(cs * header.l2_entries()) as usize;
+        for (i, &e) in l1.iter().enumerate().take(needed).filter(|_| !for_check) {
             if e & entry::L1_RESERVED != 0 || !(e & entry::L1_OFFSET_MASK).is_multiple_of(cs) {
                 return Err(QcowError::Entry {
                     table: "L1 table",
@@ -63,11 +69,10 @@ impl Qcow2 {
             }
         }
         let rc_entries = header.refcount_table_clusters as u64 * cs / 8;
-        let rc_table = read_u64_table(
+        let rc_table = read_header_table(
             &*storage,
             header.refcount_table_offset,
             rc_entries,
-            cs,
             "refcount table",
         )?;
         for (i, &e) in rc_table.iter().enumerate().filter(|_| !for_check) {
@@ -163,6 +168,34 @@ impl Qcow2 {
         }
         Ok(())
     }
+}
+
+/// Reads a header table (the L1 or refcount table) of `count` entries at
+/// `offset`; the part past the end of the file reads as zeroes. `count`
+/// must be bounded by the caller (the header's limits).
+pub(crate) fn read_header_table(
+    storage: &dyn Storage,
+    offset: u64,
+    count: u64,
+    what: &'static str,
+) -> Result<Vec<u64>> {
+    let bytes = count
+        .checked_mul(8)
+        .ok_or_else(|| Error::overflow(what, offset, "table size"))?;
+    let file_len = storage
+        .len()
+        .map_err(|e| Error::io("reading image size", e))?;
+    let mut buf = vec![0u8; bytes as usize];
+    if offset < file_len {
+        let avail = (file_len - offset).min(bytes) as usize;
+        storage
+            .read_at(&mut buf[..avail], offset)
+            .map_err(|e| Error::io(format!("reading {what}"), e).at(what, offset))?;
+    }
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect())
 }
 
 /// Reads a table of `count` big-endian u64 entries at `offset`. The table
