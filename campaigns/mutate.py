@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -55,18 +56,18 @@ def qemu(args, cwd, timeout=QEMU_TIMEOUT, check=True):
     return p.returncode, p.stdout
 
 
-def sha256_file(path, pad_to=0):
-    """sha256 of a file, as if zero-padded to pad_to bytes."""
+def sha256_file(path, size=None):
+    """sha256 of a file; with size, of its first size bytes, zero-padded up to size."""
     h, n = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        while True:
-            b = f.read(4 * MiB)
+        while size is None or n < size:
+            b = f.read(4 * MiB if size is None else min(4 * MiB, size - n))
             if not b:
                 break
             h.update(b)
             n += len(b)
-    if pad_to > n:
-        h.update(bytes(pad_to - n))
+    if size is not None and size > n:
+        h.update(bytes(size - n))
     return h.hexdigest()
 
 
@@ -484,7 +485,10 @@ def judge(res, name, argv, r):
 
 
 def compare_convert(res, conv, q):
-    """Informational: imgloop's raw conversion against qemu-img's (both succeeded)."""
+    """Informational: imgloop's raw conversion against qemu-img's (both succeeded).
+
+    The hash is of imgloop's output cut or zero-padded to qemu-img's size, so a
+    virtual size rounded differently counts as a size difference only."""
     if not conv or not q["raw_sha"]:
         return
     size, padded_sha = conv
@@ -537,7 +541,7 @@ def run_image(task):
                 hashes = now
             if name == "convert" and os.path.exists(out):
                 if r["rc"] == 0 and os.path.getsize(out) <= MAX_COMPARE_SIZE:
-                    conv = (os.path.getsize(out), sha256_file(out, q_before["raw_size"] or 0))
+                    conv = (os.path.getsize(out), sha256_file(out, q_before["raw_size"]))
                 os.unlink(out)
         compare_convert(res, conv, q_before)
         companions = {n: sha256_file(os.path.join(rep, n)) for n in base["ro_companions"]}
@@ -553,7 +557,8 @@ def run_image(task):
                                     "argv": argv, "qemu_before": q_before, "qemu_after": q_after,
                                     "repair_rc": r["rc"]})
     except Exception as e:   # a harness problem, not an imgloop finding
-        res["failures"].append({"kind": "harness_error", "error": repr(e)})
+        res["failures"].append({"kind": "harness_error", "error": repr(e),
+                                "traceback": traceback.format_exc()[-1500:]})
     if res["failures"] or "convert-content-differs" in res["notes"] or task.get("keep_always"):
         keep_case(task, res)
     shutil.rmtree(top, ignore_errors=True)

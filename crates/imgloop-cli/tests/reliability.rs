@@ -288,6 +288,24 @@ fn create_refuses_a_data_file_that_is_the_image_or_its_backing_file() {
     ]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(std::fs::read(&base).unwrap() == b0);
+    // An existing image of another format: creating would wipe it.
+    let other = sc.path("other.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&other), "1M"]).ok();
+    let o0 = std::fs::read(&other).unwrap();
+    let r = imgloop(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=other.qcow2",
+        s(&img),
+        "1M",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("existing qcow2 image"), "{}", r.stderr);
+    assert!(std::fs::read(&other).unwrap() == o0);
+    assert!(!img.exists());
 }
 
 #[test]

@@ -277,6 +277,16 @@ pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
             ))
             .in_file(path));
         }
+        // A new data file starts empty: creating the image would wipe an
+        // existing image named as data file (qemu-img does, silently). A
+        // plain (raw) file is recreated, as qemu-img does.
+        if let Some(fmt) = probe_file(&data) {
+            return Err(Error::invalid_argument(format!(
+                "the data file '{}' is an existing {fmt} image; creating the image would overwrite it",
+                data.display()
+            ))
+            .in_file(path));
+        }
     }
     if let Some(b) = &opts.backing_file {
         // Named by the caller, not by an untrusted image: open it (alone,
@@ -316,6 +326,16 @@ pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
         return Err(e.in_file(path));
     }
     Ok(())
+}
+
+/// The format of the existing file at `path` when one other than raw
+/// claims it.
+fn probe_file(path: &Path) -> Option<&'static str> {
+    let f = FileStorage::open(path, false).ok()?;
+    let len = f.len().ok()?;
+    let mut head = vec![0u8; (PROBE_BYTES as u64).min(len) as usize];
+    f.read_at(&mut head, 0).ok()?;
+    registry::probe_non_raw(&head)
 }
 
 /// Identity of an existing file: (device, inode).
