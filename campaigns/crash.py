@@ -134,6 +134,7 @@ class Model:
         self.backing = backing or [0] * NSECT
         self.allowed = [{b} for b in self.backing]
         self.history = [{b} for b in self.backing]
+        self.maybe = set()          # sectors the killed invocation may have been writing
 
     def values(self, c, s):
         kind, pat = c[0], c[1]
@@ -156,6 +157,7 @@ class Model:
             return
         for s in range(c[2] // SECTOR, (c[2] + c[3]) // SECTOR):
             v = self.values(c, s)
+            self.maybe.add(s)
             self.allowed[s] = self.allowed[s] | v
             self.history[s] |= v
 
@@ -171,16 +173,23 @@ class Model:
         return {"ops_printed": done, "durable_prefix": durable_end + 1, "commands": len(script)}
 
     def compare(self, raw_bytes):
-        """Return (lost, impossible) lists of (sector, found) for sectors the model forbids."""
-        lost, impossible = [], []
+        """Return (lost, impossible, torn) lists of (sector, found, allowed).
+
+        torn: a sector the killed invocation was writing that mixes allowed values
+        byte by byte. A process killed inside pwrite can leave a short copy (the
+        kernel gives no sector atomicity there), so this is counted, not failed."""
+        lost, impossible, torn = [], [], []
         for s in range(NSECT):
             sec = raw_bytes[s * SECTOR:(s + 1) * SECTOR]
             v = sec[0] if len(sec) == SECTOR and sec.count(sec[0]) == SECTOR else None
             if v in self.allowed[s]:
                 continue
             entry = (s, v if v is not None else "mixed", sorted(self.allowed[s]))
-            (lost if v in self.history[s] else impossible).append(entry)
-        return lost, impossible
+            if v is None and s in self.maybe and len(sec) == SECTOR and set(sec) <= self.allowed[s]:
+                torn.append(entry)
+            else:
+                (lost if v in self.history[s] else impossible).append(entry)
+        return lost, impossible, torn
 
 
 # ---------------------------------------------------------------- one trial
@@ -256,10 +265,12 @@ def verify(t, img_dir, main, fmt, model, lazy):
         t["convert_err"] = c_err[-500:]
     else:
         with open(out, "rb") as f:
-            lost, impossible = model.compare(f.read())
+            lost, impossible, torn = model.compare(f.read())
         os.unlink(out)
         t["lost_sectors"], t["impossible_sectors"] = len(lost), len(impossible)
+        t["torn_sectors"] = len(torn)
         t["bad_sectors_sample"] = (lost + impossible)[:20]
+        t["torn_sectors_sample"] = torn[:5]
         fails += ["lost_write"] * bool(lost) + ["impossible"] * bool(impossible)
     fails += reopen(t, img_dir, main, fmt)
     return fails
@@ -324,10 +335,11 @@ def keep_case(t, top, keep):
 # ---------------------------------------------------------------- campaign
 
 def summarize(trials, secs, args):
-    s = {"trials": len(trials), "killed": 0, "killed_mid_script": 0, "completed_invocations": 0, "lost_write_trials": 0, "lost_sectors": 0,
-         "impossible_trials": 0, "impossible_sectors": 0, "corrupt_images": 0,
-         "imgloop_check_corrupt": 0, "not_writable": 0, "io_failures": 0, "panics": 0,
-         "harness_errors": 0, "dirty_after_kill": 0, "leaks_after_kill": 0,
+    s = {"trials": len(trials), "killed": 0, "killed_mid_script": 0, "completed_invocations": 0,
+         "lost_write_trials": 0, "lost_sectors": 0, "impossible_trials": 0,
+         "impossible_sectors": 0, "corrupt_images": 0, "imgloop_check_corrupt": 0,
+         "not_writable": 0, "io_failures": 0, "panics": 0, "harness_errors": 0,
+         "torn_trials": 0, "torn_sectors": 0, "dirty_after_kill": 0, "leaks_after_kill": 0,
          "seconds": round(secs, 1), "seed": args.seed, "dir": args.dir, "keep": args.keep,
          "by_option_set": {}}
     key = {"lost_write": "lost_write_trials", "impossible": "impossible_trials",
@@ -341,6 +353,8 @@ def summarize(trials, secs, args):
         s["killed_mid_script"] += any(e.get("progress", {}).get("ops_printed") for e in inv)
         s["lost_sectors"] += t.get("lost_sectors", 0)
         s["impossible_sectors"] += t.get("impossible_sectors", 0)
+        s["torn_trials"] += bool(t.get("torn_sectors"))
+        s["torn_sectors"] += t.get("torn_sectors", 0)
         s["dirty_after_kill"] += bool(t.get("dirty"))
         s["leaks_after_kill"] += t.get("qemu_check") == 3
         for k in set(t["failures"]):
@@ -353,10 +367,11 @@ def summarize(trials, secs, args):
 
 def print_summary(s):
     print("\n== crash summary ==")
-    for k in ("trials", "killed", "killed_mid_script", "completed_invocations", "lost_write_trials", "lost_sectors", "impossible_trials",
-              "impossible_sectors", "corrupt_images", "imgloop_check_corrupt", "not_writable",
-              "io_failures", "panics", "harness_errors", "dirty_after_kill", "leaks_after_kill",
-              "seconds", "seed", "dir"):
+    for k in ("trials", "killed", "killed_mid_script", "completed_invocations",
+              "lost_write_trials", "lost_sectors", "impossible_trials", "impossible_sectors",
+              "corrupt_images", "imgloop_check_corrupt", "not_writable", "io_failures", "panics",
+              "harness_errors", "torn_trials", "torn_sectors", "dirty_after_kill",
+              "leaks_after_kill", "seconds", "seed", "dir"):
         print(f"  {k:24} {s[k]}")
     for name, b in s["by_option_set"].items():
         print(f"  {name:24} {b['trials']} trials, {b['failing']} failing")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -32,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 AS_LIMIT = 4 * GiB            # address-space cap for every imgloop process
 RSS_WARN_KIB = 256 * 1024     # peak RSS above this is counted
 QEMU_TIMEOUT = 60
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 MAX_COMPARE_SIZE = 512 * MiB  # virtual sizes above this are not converted for comparison
 DOC_EXIT = {"info": {0, 1}, "map": {0, 1}, "convert": {0, 1},
             "check": {0, 1, 2, 3, 63}, "repair": {0, 1, 2, 3, 63}}
@@ -77,8 +79,15 @@ def hash_dir(d):
 
 
 def run_limited(argv, cwd, timeout):
-    """Run argv with a timeout and an address-space cap; report rc, signal, peak RSS."""
+    """Run argv with a timeout and an address-space cap; report rc, signal, peak RSS.
+
+    The peak RSS comes from GNU time when present: the wait4 rusage of a child
+    forked from Python includes the Python process's own pages before exec."""
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    tfd, tpath = tempfile.mkstemp(prefix="imgloop-time-")
+    os.close(tfd)
+    if GNU_TIME:
+        argv = [GNU_TIME, "-o", tpath, "-f", "%M", "--"] + argv
 
     def pre():
         os.setsid()
@@ -102,15 +111,21 @@ def run_limited(argv, cwd, timeout):
         state["done"] = True
     timer.cancel()
     _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    p.returncode = rc = os.waitstatus_to_exitcode(status)
+    rss = ru.ru_maxrss
+    with open(tpath) as f:
+        report = f.read()
+    os.unlink(tpath)
+    if GNU_TIME and report.strip():
+        rss = int(report.split()[-1])
+        m = re.search(r"terminated by signal (\d+)", report)
+        rc = -int(m.group(1)) if m else rc
     err.seek(0)
     stderr = err.read().decode("utf-8", "replace")
     out.close()
     err.close()
-    sig = -p.returncode if p.returncode < 0 else None
-    return {"rc": p.returncode, "signal": sig, "timed_out": state["timed_out"],
-            "rss_kib": ru.ru_maxrss, "secs": round(time.monotonic() - t0, 3),
-            "stderr": stderr[-2000:]}
+    return {"rc": rc, "signal": -rc if rc < 0 else None, "timed_out": state["timed_out"],
+            "rss_kib": rss, "secs": round(time.monotonic() - t0, 3), "stderr": stderr[-2000:]}
 
 
 # ---------------------------------------------------------------- bases
@@ -172,8 +187,8 @@ def build_qcow2_bases(scratch):
     b = new_base(scratch, "qcow2", "backing", "disk.qcow2", ro_companions=["base.raw"])
     qemu(["qemu-img", "create", "-f", "raw", "base.raw", "12M"], b["dir"])
     qemu_io_writes("base.raw", "raw", default_writes(12), b["dir"])
-    qemu(["qemu-img", "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-          b["main"], "12M"], b["dir"])
+    qemu(["qemu-img", "create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", b["main"], "12M"],
+         b["dir"])
     qemu_io_writes(b["main"], "qcow2", [("0x99", MiB, 64 * KiB), ("0x9a", 5 * MiB + 4096, 8 * KiB),
                                         ("zero", 0, 64 * KiB)], b["dir"])
     bases.append(b)
@@ -185,7 +200,7 @@ def build_qcow2_bases(scratch):
     qemu_io_writes(b["main"], "qcow2", [("0xa1", 0, 32 * KiB), ("0xa2", 5 * MiB, 4 * KiB),
                                         ("0xa3", 10 * MiB, 64 * KiB)], b["dir"])
     bases.append(b)
-    # persistent dirty bitmap, marked by later writes
+    # persistent dirty bitmaps, marked by later writes
     b = new_base(scratch, "qcow2", "bitmap", "disk.qcow2")
     qemu(["qemu-img", "create", "-f", "qcow2", b["main"], "12M"], b["dir"])
     qemu(["qemu-img", "bitmap", "--add", b["main"], "bm0"], b["dir"])
@@ -618,15 +633,18 @@ def build_bases(args):
     return bases
 
 
+SUMMARY_KEYS = ("images", "commands", "panics", "signals", "hangs", "rss_max_mib", "rss_max_where",
+                "rss_over_256mib", "readonly_changed", "repair_worse", "bad_exit_codes",
+                "harness_errors", "convert_content_differs", "convert_size_differs",
+                "failing_images", "seconds", "seed")
+KIND_KEY = {"panic": "panics", "signal": "signals", "hang": "hangs",
+            "bad_exit_code": "bad_exit_codes", "harness_error": "harness_errors"}
+
+
 def summarize(results, secs, args, keep):
-    s = {"images": len(results), "commands": 0, "panics": 0, "signals": 0, "hangs": 0,
-         "rss_max_mib": 0.0, "rss_max_where": "", "rss_over_256mib": 0, "readonly_changed": 0, "repair_worse": 0,
-         "repair_worse_by_kind": {}, "bad_exit_codes": 0, "harness_errors": 0,
-         "convert_content_differs": 0, "convert_size_differs": 0, "exit_codes": {}, "failing_images": 0,
-         "seconds": round(secs, 1), "seed": args.seed, "keep": keep, "by_base": {}}
-    key = {"panic": "panics", "signal": "signals", "hang": "hangs", "bad_exit_code": "bad_exit_codes",
-           "rss_over_256mib": "rss_over_256mib", "readonly_changed": "readonly_changed",
-           "repair_worse": "repair_worse", "harness_error": "harness_errors"}
+    s = dict.fromkeys(SUMMARY_KEYS, 0)
+    s.update(images=len(results), rss_max_where="", seconds=round(secs, 1), seed=args.seed,
+             keep=keep, repair_worse_by_kind={}, exit_codes={}, by_base={})
     for r in results:
         s["commands"] += r["commands"]
         if r["rss_max_kib"] / 1024 > s["rss_max_mib"]:
@@ -639,23 +657,20 @@ def summarize(results, secs, args, keep):
         bb["images"] += 1
         bb["failing"] += bool(r["failures"])
         for f in r["failures"]:
-            s[key[f["kind"]]] += 1
+            s[KIND_KEY.get(f["kind"], f["kind"])] += 1
             if f["kind"] == "repair_worse":
                 w = s["repair_worse_by_kind"]
                 w[f["worse"]] = w.get(f["worse"], 0) + 1
         for cmd, codes in r["exit_codes"].items():
+            d = s["exit_codes"].setdefault(cmd, {})
             for c, n in codes.items():
-                d = s["exit_codes"].setdefault(cmd, {})
                 d[c] = d.get(c, 0) + n
     return s
 
 
 def print_summary(s):
     print("\n== mutate summary ==")
-    for k in ("images", "commands", "panics", "signals", "hangs", "rss_max_mib", "rss_max_where",
-              "rss_over_256mib",
-              "readonly_changed", "repair_worse", "bad_exit_codes", "harness_errors",
-              "convert_content_differs", "convert_size_differs", "failing_images", "seconds", "seed"):
+    for k in SUMMARY_KEYS:
         print(f"  {k:28} {s[k]}")
     for k, v in sorted(s["repair_worse_by_kind"].items()):
         print(f"    repair worse: {k:24} {v}")
@@ -695,7 +710,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.access(args.imgloop, os.X_OK):
         sys.exit(f"mutate.py: no imgloop binary at {args.imgloop}")
-    args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="imgloop-mutate-", dir="/var/tmp"))
+    args.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="imgloop-mutate-",
+                                                              dir="/var/tmp"))
     os.makedirs(args.work, exist_ok=True)
     keep = os.path.abspath(args.keep or f"/var/tmp/imgloop-mutate-kept/seed{args.seed}")
     print(f"mutate: seed {args.seed}, {args.count} images per format, formats {args.formats}, "

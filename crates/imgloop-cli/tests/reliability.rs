@@ -357,3 +357,22 @@ fn a_crafted_l1_size_opens_checks_in_bounded_memory_and_is_repaired() {
     assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
     imgloop(&["io", "-r", "-c", "read -P 0x55 0 1M", s(&img)]).ok();
 }
+
+/// A snapshot whose L1 table offset is 0 (the table lies over the
+/// header): the "repair" of its entries would be written over the qcow2
+/// magic. The repair must leave every byte of other metadata alone.
+#[test]
+fn a_repair_never_writes_through_a_table_that_lies_over_other_metadata() {
+    let sc = Scratch::new();
+    let img = image_with_snapshot(&sc, "over.qcow2");
+    let d = std::fs::read(&img).unwrap();
+    let table = be64(&d, 64);
+    patch(&img, table, &0u64.to_be_bytes());
+    let header = std::fs::read(&img).unwrap()[..104].to_vec();
+    let _ = imgloop(&["check", "-r", "all", s(&img)]);
+    assert!(
+        std::fs::read(&img).unwrap()[..104] == header[..],
+        "the repair changed the header"
+    );
+    assert_eq!(qemu_img(&["info", "-f", "qcow2", s(&img)]).code, 0);
+}

@@ -900,10 +900,37 @@ impl<'a> Pass<'a> {
     }
 
     /// Writes the L1 and L2 entry repairs found while walking.
+    /// True when a repair may write into the cluster at byte `off`: not
+    /// the header, and not a cluster other metadata also occupies (a
+    /// table lying over another structure is itself damage; writing its
+    /// "repair" would destroy the other one).
+    fn writable(&self, off: u64) -> bool {
+        let c = (off / self.cs) as usize;
+        c != 0 && self.refs.get(c).is_some_and(|&r| r <= 1)
+    }
+
     fn apply_entry_fixes(&mut self, m: &mut Tables) -> Result<()> {
         let q = self.q;
         let io = |what: &'static str| move |e| Error::io(what, e);
         for (off, table) in std::mem::take(&mut self.l2_fixes) {
+            if !self.writable(off) {
+                // Its entries are another structure's bytes: drop the
+                // table from the active L1 instead (the guest range then
+                // reads as it would without it), never write into it.
+                let l1_off = m.header.l1_table_offset;
+                let users: Vec<usize> = (0..m.l1.len())
+                    .filter(|&i| m.l1[i] & entry::L1_OFFSET_MASK == off)
+                    .collect();
+                for i in users {
+                    self.repaired(format!(
+                        "Repairing L1 entry {i}: its L2 table at {off:#x} lies over other metadata; entry cleared"
+                    ));
+                    self.l1_fixes
+                        .retain(|&(o, j, _, _)| !(o == l1_off && j as usize == i));
+                    self.l1_fixes.push((l1_off, i as u32, 0, true));
+                }
+                continue;
+            }
             q.file()
                 .write_at(&table, off)
                 .map_err(io("writing a repaired L2 table"))?;
@@ -913,6 +940,13 @@ impl<'a> Pass<'a> {
         }
         for (l1_off, i, v, active) in std::mem::take(&mut self.l1_fixes) {
             let i = i as usize;
+            let at = l1_off + i as u64 * 8;
+            if !self.writable(at) {
+                self.say(format!(
+                    "Not repairing L1 entry {i} of the table at {l1_off:#x}: the table lies over other metadata"
+                ));
+                continue;
+            }
             q.file()
                 .write_at(&v.to_be_bytes(), l1_off + i as u64 * 8)
                 .map_err(io("writing a repaired L1 entry"))?;
@@ -1062,7 +1096,7 @@ impl<'a> Pass<'a> {
             if (r == 1) != (e & entry::COPIED != 0) {
                 let msg =
                     format!("OFLAG_COPIED L2 cluster: l1_index={i1} l1_entry={e:x} refcount={r}");
-                if fix {
+                if fix && self.writable(l1_off + i1 as u64 * 8) {
                     let v = e ^ entry::COPIED;
                     q.file()
                         .write_at(&v.to_be_bytes(), l1_off + i1 as u64 * 8)
