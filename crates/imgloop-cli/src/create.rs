@@ -86,6 +86,27 @@ fn create_with(
             Error::invalid_argument("Image creation needs a size parameter").in_file(&file),
         );
     }
+    // qemu-img 10 no longer probes the format of a new image's backing
+    // file: probing raw data is how images get misread.
+    if backing.is_some() && backing_format.is_none() {
+        return Err(
+            Error::invalid_argument("Backing file specified without backing format").in_file(&file),
+        );
+    }
+    // Sizes are whole 512-byte sectors, rounded up as qemu-img does.
+    let size = match size {
+        Some(s) => Some(
+            s.checked_next_multiple_of(512)
+                .filter(|&r| r <= imgloop::size::MAX_IMAGE_SIZE)
+                .ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "Invalid image size specified. Must be between 0 and {}.",
+                        imgloop::size::MAX_IMAGE_SIZE
+                    ))
+                })?,
+        ),
+        None => None,
+    };
     let opts = CreateOptions {
         size: size.unwrap_or(0),
         options,

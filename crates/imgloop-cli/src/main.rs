@@ -70,7 +70,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let code = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Create(a) => create::run(a),
@@ -86,4 +89,64 @@ fn main() -> ExitCode {
         Command::List(a) => list::run(a),
     };
     ExitCode::from(code)
+}
+
+/// Handles what clap could not parse as qemu-img does: help and version go
+/// to stdout with exit 0; a usage error is one line on stderr and exit 1
+/// (exit 2 would mean "corruptions found" to a script calling `check`).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                1
+            } else {
+                0
+            },
+        );
+    }
+    eprintln!(
+        "{}",
+        usage_line(&e.to_string(), std::env::args().nth(1).as_deref())
+    );
+    ExitCode::from(1)
+}
+
+/// The one line for a clap error text: its first line without clap's
+/// "error: " prefix, and where help is.
+fn usage_line(clap_text: &str, subcommand: Option<&str>) -> String {
+    let first = clap_text.lines().next().unwrap_or("invalid arguments");
+    let msg = first.strip_prefix("error: ").unwrap_or(first);
+    let help = match subcommand.filter(|s| !s.starts_with('-')) {
+        Some(sub) if !msg.starts_with("unrecognized subcommand") => {
+            format!("imgloop {sub} --help")
+        }
+        _ => "imgloop --help".to_string(),
+    };
+    format!("imgloop: {msg} (try '{help}')")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_line;
+
+    #[test]
+    fn usage_errors_become_one_line_naming_where_help_is() {
+        let text =
+            "error: unexpected argument '--bogus' found\n\n  tip: ...\n\nUsage: imgloop info";
+        assert_eq!(
+            usage_line(text, Some("info")),
+            "imgloop: unexpected argument '--bogus' found (try 'imgloop info --help')"
+        );
+        assert_eq!(
+            usage_line("error: unrecognized subcommand 'bogus'\n", Some("bogus")),
+            "imgloop: unrecognized subcommand 'bogus' (try 'imgloop --help')"
+        );
+    }
 }

@@ -81,14 +81,24 @@ pub fn run(a: Args) -> u8 {
                 "Offset", "Length", "Mapped to"
             );
             for e in entries.iter().filter(|e| e.data) {
+                if e.compressed || e.encrypted {
+                    // As qemu-img: such data has no place to show.
+                    let _ = out.flush();
+                    eprintln!("imgloop: File contains external, encrypted or compressed clusters.");
+                    return 1;
+                }
                 if let Some(o) = e.offset {
+                    let file = e
+                        .file
+                        .clone()
+                        .unwrap_or_else(|| chain[e.depth].name().to_string());
                     let _ = writeln!(
                         out,
                         "{:<16}{:<16}{:<16}{}",
                         hex(e.start),
                         hex(e.length),
                         hex(o),
-                        chain[e.depth].name()
+                        file
                     );
                 }
             }

@@ -24,6 +24,13 @@ pub struct MapEntry {
     /// Host offset in the data file of the layer at `depth`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+    /// The file `offset` is in (the layer's image file, or its external
+    /// data file), for human-readable maps.
+    #[serde(skip)]
+    pub file: Option<String>,
+    /// The range is stored encrypted.
+    #[serde(skip)]
+    pub encrypted: bool,
 }
 
 impl MapEntry {
@@ -33,6 +40,8 @@ impl MapEntry {
             && self.zero == next.zero
             && self.data == next.data
             && self.compressed == next.compressed
+            && self.encrypted == next.encrypted
+            && self.file == next.file
             && match (self.offset, next.offset) {
                 (None, None) => true,
                 (Some(a), Some(b)) => a + self.length == b,
@@ -48,8 +57,15 @@ impl Image {
         let end = self.size().min(start.saturating_add(len));
         let mut out: Vec<MapEntry> = Vec::new();
         let mut pos = start;
+        let chain = self.chain();
         while pos < end {
             let (s, depth) = self.block_status_chain(pos, end - pos)?;
+            let file = s.storage.and_then(|id| {
+                chain
+                    .get(depth)
+                    .and_then(|img| img.driver().storages().get(id.0 as usize))
+                    .map(|st| st.describe())
+            });
             let e = MapEntry {
                 start: pos,
                 length: s.len,
@@ -59,6 +75,8 @@ impl Image {
                 data: s.data,
                 compressed: s.compressed,
                 offset: s.offset,
+                file,
+                encrypted: s.encrypted,
             };
             match out.last_mut() {
                 Some(last) if last.extends(&e) => last.length += e.length,

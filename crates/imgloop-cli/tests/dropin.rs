@@ -1,0 +1,144 @@
+//! qemu-img drop-in behaviour: the same command lines through both tools
+//! give the same exit codes and results.
+
+mod common;
+use common::*;
+
+#[test]
+fn usage_errors_exit_1_with_one_line_as_qemu_img_does() {
+    let sc = Scratch::new();
+    let img = sc.path("u.raw");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let cases: &[&[&str]] = &[
+        &["info", "--bogus", s(&img)],
+        &["bogus"],
+        &["info", "--output", "xml", s(&img)],
+        &["check", "--bogus", s(&img)],
+        &["map", "-Z", s(&img)],
+    ];
+    for args in cases {
+        let q = qemu_img(args);
+        let i = imgloop(args);
+        assert_eq!((i.code, q.code), (1, 1), "{args:?}: {}", i.stderr);
+        assert_eq!(
+            i.stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: {}",
+            i.stderr
+        );
+        assert!(i.stderr.starts_with("imgloop: "), "{}", i.stderr);
+    }
+    // Help and version are not errors.
+    assert_eq!(imgloop(&["info", "--help"]).code, 0);
+    assert_eq!(imgloop(&["--version"]).code, 0);
+}
+
+#[test]
+fn create_rounds_sizes_up_to_whole_sectors_as_qemu_img_does() {
+    let sc = Scratch::new();
+    for size in ["1000", "10b", "1", "511", "513", "1k"] {
+        for fmt in ["raw", "qcow2"] {
+            let q = sc.path(&format!("q-{size}.{fmt}"));
+            let i = sc.path(&format!("i-{size}.{fmt}"));
+            qemu_img(&["create", "-q", "-f", fmt, s(&q), size]).ok();
+            imgloop(&["create", "-q", "-f", fmt, s(&i), size]).ok();
+            let vs =
+                |p| qemu_img(&["info", "--output=json", s(p)]).ok().json()["virtual-size"].clone();
+            assert_eq!(vs(&i), vs(&q), "{fmt} {size}");
+        }
+    }
+}
+
+#[test]
+fn create_with_a_backing_file_needs_its_format_as_in_qemu_img_10() {
+    let sc = Scratch::new();
+    let base = sc.path("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let (q, i) = (sc.path("q.qcow2"), sc.path("i.qcow2"));
+    let qr = qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", s(&q)]);
+    let ir = imgloop(&["create", "-f", "qcow2", "-b", "base.raw", s(&i)]);
+    assert_eq!((ir.code, qr.code), (1, 1));
+    let msg = "Backing file specified without backing format";
+    assert!(qr.stderr.contains(msg), "{}", qr.stderr);
+    assert!(ir.stderr.contains(msg), "{}", ir.stderr);
+    assert!(!i.exists(), "nothing is created");
+}
+
+#[test]
+fn a_human_map_of_compressed_data_fails_as_qemu_img_does() {
+    let sc = Scratch::new();
+    let src = sc.path("text.raw");
+    std::fs::write(&src, "compressible line\n".repeat(60_000)).unwrap();
+    let img = sc.path("c.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&src),
+        s(&img),
+    ])
+    .ok();
+    let q = qemu_img(&["map", s(&img)]);
+    let i = imgloop(&["map", s(&img)]);
+    assert_eq!((i.code, q.code), (1, 1));
+    assert_eq!(i.stdout, q.stdout, "the header line, as qemu-img prints it");
+    let msg = "File contains external, encrypted or compressed clusters.";
+    assert!(
+        q.stderr.contains(msg) && i.stderr.contains(msg),
+        "{}",
+        i.stderr
+    );
+    // JSON maps show compressed data.
+    imgloop(&["map", "--output", "json", s(&img)]).ok();
+}
+
+#[test]
+fn a_human_map_names_the_external_data_file_as_qemu_img_does() {
+    let sc = Scratch::new();
+    // qemu-img takes a relative data file name from the current
+    // directory: everything runs in the scratch directory.
+    let run = |bin: &str, args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .current_dir(sc.path(""))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{bin} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.data",
+            "df.qcow2",
+            "4M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 64k",
+            "-c",
+            "write -P 2 1M 64k",
+            "df.qcow2",
+        ],
+    );
+    let ours = run(imgloop_bin(), &["map", "df.qcow2"]);
+    assert_eq!(ours, run("qemu-img", &["map", "df.qcow2"]));
+    assert!(ours.contains("df.data"), "{ours}");
+}
