@@ -19,24 +19,9 @@ use imgloop::{registry, CreateOptions, Image};
 use libfuzzer_sys::fuzz_target;
 use std::sync::Arc;
 
-/// Reads the input a few bytes at a time; zeroes once it runs out.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn byte(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-
-    fn u64(&mut self) -> u64 {
-        (0..8).fold(0u64, |v, _| (v << 8) | self.byte() as u64)
-    }
-}
+#[path = "fields.rs"]
+mod fields;
+use fields::{get, mutate, Input, Order};
 
 /// Where a field lives: (name for the crash report, byte offset, width).
 type Field = (&'static str, u64, u8);
@@ -64,48 +49,7 @@ const HEADER: &[Field] = &[
 ];
 
 fn be(bytes: &[u8], at: u64, width: u8) -> u64 {
-    let at = at as usize;
-    bytes
-        .get(at..at + width as usize)
-        .map_or(0, |b| b.iter().fold(0u64, |v, &x| (v << 8) | x as u64))
-}
-
-fn put(bytes: &mut [u8], at: u64, width: u8, value: u64) {
-    let at = at as usize;
-    let Some(dst) = bytes.get_mut(at..at + width as usize) else {
-        return;
-    };
-    for (i, d) in dst.iter_mut().enumerate() {
-        let shift = 8 * (width as usize - 1 - i);
-        *d = (value >> shift) as u8;
-    }
-}
-
-/// A value chosen by `pick` among the extremes that break offset math.
-fn extreme(input: &mut Input, cluster: u64, file_len: u64, old: u64) -> u64 {
-    let k = input.byte() as u64 % 16;
-    match input.byte() % 20 {
-        0 => 0,
-        1 => 1,
-        2 => cluster - 1,
-        3 => cluster,
-        4 => cluster + 1,
-        5 => file_len,
-        6 => file_len.wrapping_sub(k),
-        7 => file_len + k * cluster,
-        8 => (1 << 31) - 1 + k,
-        9 => (1 << 32) - 1 + k,
-        10 => (1 << 61) - k,
-        11 => (1 << 62) + k,
-        12 => (1 << 63) - 1 - k,
-        13 => 1 << 63,
-        14 => u64::MAX - k,
-        15 => old.wrapping_add(k),
-        16 => old.wrapping_sub(k),
-        17 => old ^ (1 << (input.byte() % 64)),
-        18 => old.wrapping_mul(cluster),
-        _ => input.u64(),
-    }
+    get(bytes, at, width, Order::Big)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -148,7 +92,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut bytes = mem.to_vec();
     let cluster = 1u64 << cluster_bits;
-    let file_len = bytes.len() as u64;
 
     // Where the first entries of the tables are.
     let l1 = be(&bytes, 40, 8);
@@ -168,10 +111,7 @@ fuzz_target!(|data: &[u8]| {
         if at == 0 {
             continue;
         }
-        let old = be(&bytes, at, width);
-        let v = extreme(&mut input, cluster, file_len, old);
-        let v = if width == 8 { v } else { v & ((1u64 << (8 * width as u32)) - 1) };
-        put(&mut bytes, at, width, v);
+        mutate(&mut input, &mut bytes, (at, width), cluster, Order::Big);
     }
 
     // Read-only: walk, read, check; nothing may change.

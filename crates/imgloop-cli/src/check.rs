@@ -2,7 +2,7 @@
 
 use crate::common::{print_json, report, Output};
 use imgloop::formats::qcow2::OPEN_FOR_CHECK;
-use imgloop::{CheckReport, ErrorKind, Image, OpenOptions, RepairMode};
+use imgloop::{CheckReport, ErrorKind, OpenOptions, RepairMode};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -145,7 +145,7 @@ pub fn run(a: Args) -> u8 {
         policy: imgloop::FilePolicy::like_qemu_img(),
         ..Default::default()
     };
-    let img = match Image::open(&a.file, &opts) {
+    let img = match crate::common::open_with(&a.file, &opts) {
         Ok(i) => i,
         Err(e) => {
             report(&e);

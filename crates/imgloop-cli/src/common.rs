@@ -57,7 +57,19 @@ pub fn open(
         policy: imgloop::FilePolicy::like_qemu_img(),
         ..Default::default()
     };
-    Image::open(path, &opts)
+    open_with(path, &opts)
+}
+
+/// Opens an image with `opts` and prints what its drivers warn about
+/// (e.g. a backing file changed since a COW file was made over it).
+pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Image> {
+    let img = Image::open(path, opts)?;
+    for layer in img.chain() {
+        for w in layer.driver().warnings() {
+            eprintln!("imgloop: warning: {}: {w}", layer.name());
+        }
+    }
+    Ok(img)
 }
 
 /// Prints `value` as JSON indented by four spaces, like qemu-img.

@@ -155,7 +155,7 @@ fn plan_aligned(src: &Image, grid: u64) -> Result<Vec<Job>> {
 }
 
 fn convert(a: &Args) -> Result<()> {
-    let src = Image::open(
+    let src = crate::common::open_with(
         &a.source,
         &OpenOptions {
             format: a.format.clone(),
@@ -205,7 +205,7 @@ fn convert(a: &Args) -> Result<()> {
             "-o cannot be used with -n (the target is not created)",
         ));
     }
-    let dst = Image::open(
+    let dst = crate::common::open_with(
         &a.target,
         &OpenOptions {
             unsafe_cache: !sync_at_end,

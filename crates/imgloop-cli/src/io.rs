@@ -50,7 +50,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> u8 {
     let opened = parse_options(&a.open_options).and_then(|driver_options| {
-        imgloop::Image::open(
+        crate::common::open_with(
             &a.file,
             &imgloop::OpenOptions {
                 format: a.format.clone(),

@@ -1026,3 +1026,53 @@ fn attach_errors_are_one_line() {
         .unwrap_or_default();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A COW file over a raw disk holding a filesystem: the filesystem shows
+/// through, files written on the attached COW device land only in the COW
+/// file, and `uml_moo` (UML's own merge) sees the same filesystem.
+#[test]
+fn a_cow_file_over_a_filesystem_attaches_and_uml_moo_merges_what_was_written() {
+    let mut env = env_or_skip!();
+    let base = env.path("base.img");
+    env.il(&["create", "-q", "-f", "raw", s(&base), "128M"]).ok();
+    let dev = env.attach(&["-f", "raw", s(&base)]);
+    tool("mkfs.ext4", &["-q", "-F", &dev]);
+    let mnt = env.mount(&dev, "mnt-base", "rw");
+    let first = write_tree(&mnt);
+    tool("sync", &[]);
+    env.umount(&mnt);
+    env.il(&["detach", &dev]).ok();
+    let base_hash = file_hash(&base);
+
+    let cow = env.path("over.cow");
+    env.il(&["create", "-q", "-f", "cow", "-b", s(&base), "-F", "raw", s(&cow)])
+        .ok();
+    let dev = env.attach(&["-f", "cow", s(&cow)]);
+    assert_eq!(env.entry(&dev)["format"], "cow");
+    let mnt = env.mount(&dev, "mnt-cow", "rw");
+    for (rel, sum) in &first {
+        assert_eq!(file_hash(&mnt.join(rel)), *sum, "{} differs", rel.display());
+    }
+    std::fs::create_dir(mnt.join("more")).unwrap();
+    let more = write_tree(&mnt.join("more"));
+    tool("sync", &[]);
+    env.umount(&mnt);
+    env.il(&["detach", &dev]).ok();
+    assert_eq!(file_hash(&base), base_hash, "the backing file changed");
+
+    let merged = env.path("merged.img");
+    tool("uml_moo", &[s(&cow), s(&merged)]);
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&merged).output().unwrap();
+    assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+    let dev = env.attach(&["-r", "-f", "raw", s(&merged)]);
+    let mnt = env.mount(&dev, "mnt-merged", "ro,noload");
+    for (rel, sum) in &first {
+        assert_eq!(file_hash(&mnt.join(rel)), *sum, "merged: {} differs", rel.display());
+    }
+    for (rel, sum) in &more {
+        let p = mnt.join("more").join(rel);
+        assert_eq!(file_hash(&p), *sum, "merged: {} differs", p.display());
+    }
+    env.umount(&mnt);
+    env.il(&["detach", &dev]).ok();
+}

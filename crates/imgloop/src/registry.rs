@@ -2,21 +2,23 @@
 
 use crate::driver::Format;
 use crate::error::{Error, ErrorKind, Result};
+use crate::formats::cow::CowFormat;
 use crate::formats::qcow2::Qcow2Format;
 use crate::formats::raw::RawFormat;
 use std::path::Path;
 
 static RAW: RawFormat = RawFormat;
 static QCOW2: Qcow2Format = Qcow2Format;
+static COW: CowFormat = CowFormat;
 
 /// Every format driver imgloop has, in probing order.
 pub fn formats() -> &'static [&'static dyn Format] {
-    static ALL: [&dyn Format; 2] = [&QCOW2, &RAW];
+    static ALL: [&dyn Format; 3] = [&QCOW2, &COW, &RAW];
     &ALL
 }
 
 /// Format names the project plans to support but that have no driver yet.
-const PLANNED: &[&str] = &["qcow", "vhdx", "parallels", "cow", "vpc", "vmdk", "vdi"];
+const PLANNED: &[&str] = &["qcow", "vhdx", "parallels", "vpc", "vmdk", "vdi"];
 
 /// The format called `name` (as qemu-img spells it).
 pub fn find(name: &str) -> Result<&'static dyn Format> {

@@ -118,9 +118,103 @@ pub fn run_model_test_with(
     seed: u64,
     ops: usize,
 ) -> Result<()> {
+    model_test(format, create, driver_options, None, seed, ops)
+}
+
+/// [`run_model_test`] on an image created over a raw backing file with
+/// content `backing` (the model starts as that content).
+pub fn run_model_test_over(
+    format: &str,
+    create: &CreateOptions,
+    backing: &[u8],
+    seed: u64,
+    ops: usize,
+) -> Result<()> {
+    model_test(format, create, &[], Some(backing), seed, ops)
+}
+
+/// A new image for a test, in memory: its bytes, the bytes of the data
+/// files it names, and its backing image.
+struct Made {
+    image: Vec<u8>,
+    companions: Vec<(String, Vec<u8>)>,
+    backing: Option<Arc<Image>>,
+}
+
+/// Creates an image of `format`: in memory, or (when it names a data file
+/// or is made over `backing` content) in a scratch directory whose files
+/// are then read into memory.
+fn make_image(
+    format: &str,
+    create: &CreateOptions,
+    backing: Option<&[u8]>,
+    seed: u64,
+) -> Result<Made> {
     let fmt = registry::find(format)?;
-    let mem = MemStorage::new();
-    fmt.create(Arc::new(mem.clone()), None, create)?;
+    let data_file = create.options.get("data_file");
+    let backing_image = backing
+        .map(|b| {
+            Image::open_storage(Arc::new(MemStorage::from_bytes(b)), Some("raw"), true, None)
+                .map(Arc::new)
+        })
+        .transpose()?;
+    if data_file.is_none() && backing.is_none() {
+        let mem = MemStorage::new();
+        fmt.create(Arc::new(mem.clone()), None, create)?;
+        return Ok(Made {
+            image: mem.to_vec(),
+            companions: Vec::new(),
+            backing: None,
+        });
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "imgloop-testkit-{}-{seed}-{:x}",
+        std::process::id(),
+        Rng::new(seed).next_u64()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating a scratch directory", e))?;
+    let made = (|| {
+        let mut create = create.clone();
+        if let Some(b) = backing {
+            std::fs::write(dir.join("backing"), b)
+                .map_err(|e| Error::io("writing the backing file", e))?;
+            create.backing_file = Some("backing".into());
+            create.backing_format = Some("raw".into());
+        }
+        let path = dir.join("image");
+        crate::image::create(&path, format, &create)?;
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Error::io("reading the new image", e))
+        };
+        let mut companions = Vec::new();
+        if let Some(name) = data_file {
+            companions.push((name.clone(), read(&dir.join(name))?));
+        }
+        Ok(Made {
+            image: read(&path)?,
+            companions,
+            backing: backing_image,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    made
+}
+
+fn model_test(
+    format: &str,
+    create: &CreateOptions,
+    driver_options: &[(&str, &str)],
+    backing: Option<&[u8]>,
+    seed: u64,
+    ops: usize,
+) -> Result<()> {
+    let made = make_image(format, create, backing, seed)?;
+    if !made.companions.is_empty() {
+        return Err(Error::invalid_argument(
+            "the model test does not run images with data files (the power-cut test does)",
+        ));
+    }
+    let mem = MemStorage::from_bytes(&made.image);
     let options: std::collections::BTreeMap<String, String> = driver_options
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -130,15 +224,22 @@ pub fn run_model_test_with(
             options: options.clone(),
             ..crate::driver::DriverOpenOptions::new(ro)
         };
-        Image::open_storage_with(Arc::new(mem.clone()), Some(format), &dopts, None)
+        Image::open_storage_with(
+            Arc::new(mem.clone()),
+            Some(format),
+            &dopts,
+            made.backing.clone(),
+        )
     };
     let mut img = open(false)?;
     let size = img.size();
     if size == 0 {
         return Err(Error::invalid_argument("model test needs a non-empty disk"));
     }
+    let mut data = backing.unwrap_or_default().to_vec();
+    data.resize(size as usize, 0);
     let mut model = Model {
-        data: vec![0u8; size as usize],
+        data,
         loose: vec![false; size as usize],
     };
     let mut rng = Rng::new(seed);
@@ -255,6 +356,11 @@ impl SectorModel {
         sector_hash(&s)
     }
 
+    /// The disk starts as `img` reads now (its backing file's content).
+    fn start_as(&mut self, img: &Image) -> Result<()> {
+        self.synced(img)
+    }
+
     /// `bytes` were written at `offset` (sector-aligned).
     fn write(&mut self, offset: u64, bytes: &[u8]) {
         let o = offset as usize;
@@ -316,6 +422,9 @@ pub struct PowerCut {
     pub ops: usize,
     /// Crash states to explore at each crash point.
     pub states: u64,
+    /// Content of a raw backing file to create the image over, if any
+    /// (the disk starts as it).
+    pub backing: Option<Vec<u8>>,
 }
 
 /// Runs random writes, zero writes, discards and syncs on an image whose
@@ -328,32 +437,13 @@ pub struct PowerCut {
 /// `kill -9` leaves.
 pub fn run_power_cut_test(t: &PowerCut, seed: u64) -> Result<()> {
     use crate::storage::{CrashStorage, Storage};
-    let fmt = registry::find(t.format)?;
-    // Create on real files when the image names a data file, then move
-    // the bytes into crash-simulating memory.
-    let image = CrashStorage::new();
-    let mut companions = Vec::new();
-    if let Some(name) = t.create.options.get("data_file") {
-        let dir = std::env::temp_dir().join(format!(
-            "imgloop-powercut-{}-{seed}-{:x}",
-            std::process::id(),
-            Rng::new(seed).next_u64()
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating a scratch directory", e))?;
-        let path = dir.join("image");
-        let made = crate::image::create(&path, t.format, &t.create).and_then(|_| {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| Error::io("reading the new image", e))
-            };
-            Ok((read(&path)?, read(&dir.join(name))?))
-        });
-        let _ = std::fs::remove_dir_all(&dir);
-        let (img_bytes, data_bytes) = made?;
-        image.write_at(&img_bytes, 0)?;
-        companions.push((name.clone(), CrashStorage::from_bytes(&data_bytes)));
-    } else {
-        fmt.create(Arc::new(image.clone()), None, &t.create)?;
-    }
+    let made = make_image(t.format, &t.create, t.backing.as_deref(), seed)?;
+    let image = CrashStorage::from_bytes(&made.image);
+    let companions: Vec<(String, CrashStorage)> = made
+        .companions
+        .iter()
+        .map(|(name, bytes)| (name.clone(), CrashStorage::from_bytes(bytes)))
+        .collect();
     image.sync()?;
     let options: std::collections::BTreeMap<String, String> =
         t.driver_options.iter().cloned().collect();
@@ -371,10 +461,11 @@ pub fn run_power_cut_test(t: &PowerCut, seed: u64) -> Result<()> {
         Arc::new(image.clone()),
         Some(t.format),
         &dopts(false, &live),
-        None,
+        made.backing.clone(),
     )?;
     let size = img.size();
     let mut model = SectorModel::new(size);
+    model.start_as(&img)?;
     let mut rng = Rng::new(seed);
     let mut log: Vec<String> = Vec::new();
     let fail = |log: &[String], msg: String| {
@@ -436,7 +527,7 @@ pub fn run_power_cut_test(t: &PowerCut, seed: u64) -> Result<()> {
                 Arc::new(cut_image),
                 Some(t.format),
                 &dopts(true, &cut),
-                None,
+                made.backing.clone(),
             )
             .map_err(|e| fail(&log, format!("state {state_seed:#x} does not open: {e}")))?;
             match after.check(None) {
@@ -623,6 +714,7 @@ mod power_cut_tests {
                 .collect(),
             ops: 120,
             states: 4,
+            backing: None,
         }
     }
 

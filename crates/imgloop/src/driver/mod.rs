@@ -222,6 +222,12 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// Problems found at open that do not stop reads (e.g. a backing file
+    /// that changed since the image was made); the CLI prints them.
+    fn warnings(&self) -> Vec<Error> {
+        Vec::new()
+    }
+
     /// Checks (and with `repair`, repairs) the image's metadata.
     fn check(&self, _repair: Option<RepairMode>) -> Result<CheckReport> {
         Err(Error::unsupported(

@@ -1,4 +1,7 @@
-//! The image format drivers, one module per format.
+//! The image format drivers, one module per format, and what several
+//! formats share.
 
+pub mod cow;
 pub mod qcow2;
 pub mod raw;
+pub mod table_cache;

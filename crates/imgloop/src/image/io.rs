@@ -322,6 +322,24 @@ impl Image {
         if a.fills.is_empty() && a.guest == pos && a.len as usize == n {
             return storage.write_at(&data[..n], a.offset).map_err(io);
         }
+        // Copying from a backing file the open policy left closed would
+        // write zeroes where the guest sees backing data.
+        if self.backing.is_none()
+            && self.backing_ref.is_some()
+            && a.fills.iter().any(|f| f.from == Mapping::Unallocated)
+        {
+            let name = self
+                .backing_ref
+                .as_ref()
+                .map_or("", |b| b.filename.as_str());
+            return Err(self.err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "this write needs data from the backing file '{name}', which was not \
+                     opened (the open policy does not follow backing files)"
+                ),
+            )));
+        }
         let mut unit = vec![0u8; a.len as usize];
         for f in &a.fills {
             let at = (f.guest - a.guest) as usize;

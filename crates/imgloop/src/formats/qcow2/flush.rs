@@ -19,10 +19,10 @@
 //! whose newer copy another writer put on disk. Flushes are serialized by
 //! [`Qcow2::flush_lock`].
 
-use super::cache::DirtyCopy;
 use super::tables::Tables;
 use super::{header, Qcow2};
 use crate::error::{Error, ErrorKind, Result};
+use crate::formats::table_cache::DirtyCopy;
 
 /// Copies of dirty metadata taken under the lock.
 #[derive(Default)]

@@ -5,7 +5,7 @@
 //! `tables` holds the metadata state and looks entries up, `mapping`
 //! answers reads and block status, `write` answers writes, write-zeroes
 //! and discard and publishes their metadata, `alloc` keeps refcounts and
-//! allocates clusters, [`cache`] holds metadata tables, `flush` writes
+//! allocates clusters, the shared [`TableCache`](super::table_cache::TableCache) holds metadata tables, `flush` writes
 //! them back in crash-safe order, `resize`, `create`, `compress` (and
 //! `deflate`), `check`, `info`, [`bitmap`] and `snapshot` do the rest.
 //!
@@ -30,7 +30,6 @@
 
 mod alloc;
 pub mod bitmap;
-pub mod cache;
 mod check;
 mod compress;
 mod create;

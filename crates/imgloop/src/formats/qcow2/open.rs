@@ -1,12 +1,12 @@
 //! Opening a qcow2 image: header, L1 and refcount tables, the external
 //! data file (through the open policy), cache sizes.
 
-use super::cache::TableCache;
 use super::check::OPEN_FOR_CHECK;
 use super::header::{self, Header};
 use super::{entry, Qcow2, QcowError, Tables};
 use crate::driver::{DriverOpenOptions, RepairMode};
 use crate::error::{Condition, Error, ErrorKind, Result};
+use crate::formats::table_cache::TableCache;
 use crate::inflight::UnitLocks;
 use crate::policy::FileRole;
 use crate::storage::Storage;

@@ -6,11 +6,11 @@
 //! the lock ([`Qcow2::fetch_l2`]) and tries again. The write path
 //! ([`Qcow2::lookup`]) holds the exclusive lock and loads what it needs.
 
-use super::cache::TableCache;
 use super::entry::{self, Cluster};
 use super::header::Header;
 use super::{Qcow2, QcowError};
 use crate::error::{Error, Result};
+use crate::formats::table_cache::TableCache;
 use std::collections::BTreeSet;
 
 /// A host range whose last reference was dropped: it is unreferenced

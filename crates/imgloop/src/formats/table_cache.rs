@@ -1,5 +1,6 @@
-//! An LRU cache of metadata tables (L2 tables, refcount blocks), keyed by
-//! their host offset, with dirty tracking for write-back.
+//! An LRU cache of metadata tables (qcow2 L2 tables and refcount blocks,
+//! COW bitmap chunks, ...), keyed by their host offset, with dirty
+//! tracking for write-back. Shared by the formats.
 //!
 //! Lookups take `&self` (the recency stamp is atomic), so readers share
 //! the cache under a read lock. The cache never writes anything itself:
