@@ -51,6 +51,9 @@ pub struct Args {
     /// Quiet: print nothing.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// `--object` and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// The image file.
     file: PathBuf,
 }
@@ -137,15 +140,24 @@ pub fn run(a: Args) -> u8 {
     });
     // A check may open a damaged image that a normal open refuses: marked
     // corrupt (to repair it), or dirty (the check repairs it, not the open).
-    let opts = OpenOptions {
-        format: a.format.clone(),
-        read_only: repair.is_none(),
-        force_share: a.force_share,
-        driver_options: [(OPEN_FOR_CHECK.to_string(), "on".to_string())].into(),
-        policy: imgloop::FilePolicy::like_qemu_img(),
-        ..Default::default()
-    };
-    let img = match crate::common::open_with(&a.file, &opts) {
+    let opened = a
+        .objects
+        .spec(&a.file, a.format.as_deref())
+        .and_then(|spec| {
+            let mut driver_options = spec.options;
+            driver_options.insert(OPEN_FOR_CHECK.to_string(), "on".to_string());
+            let opts = OpenOptions {
+                format: spec.format,
+                read_only: repair.is_none(),
+                force_share: a.force_share,
+                driver_options,
+                secrets: a.objects.secrets()?,
+                policy: imgloop::FilePolicy::like_qemu_img(),
+                ..Default::default()
+            };
+            crate::common::open_with(&spec.path, &opts)
+        });
+    let img = match opened {
         Ok(i) => i,
         Err(e) => {
             report(&e);

@@ -60,6 +60,28 @@ pub fn open(
     open_with(path, &opts)
 }
 
+/// Opens the image an argument names (a file, or image options with
+/// `--image-opts`), with the secrets `--object` defines.
+pub fn open_image(
+    arg: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    force_share: bool,
+    objects: &crate::objects::ObjectArgs,
+) -> Result<Image> {
+    let spec = objects.spec(arg, format)?;
+    let opts = OpenOptions {
+        format: spec.format,
+        read_only,
+        force_share,
+        driver_options: spec.options,
+        secrets: objects.secrets()?,
+        policy: imgloop::FilePolicy::like_qemu_img(),
+        ..Default::default()
+    };
+    open_with(&spec.path, &opts)
+}
+
 /// Opens an image with `opts` and prints what its drivers warn about
 /// (e.g. a backing file changed since a COW file was made over it).
 pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Image> {

@@ -1,6 +1,6 @@
 //! `imgloop compare`, with qemu-img's messages and exit codes.
 
-use crate::common::{open, report, Progress};
+use crate::common::{open_image, report, Progress};
 use imgloop::storage::is_zero;
 use imgloop::{Image, Result};
 use std::path::PathBuf;
@@ -43,6 +43,9 @@ pub struct Args {
     /// Print nothing; only the exit code tells.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// `--object` and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// First image.
     a: PathBuf,
     /// Second image.
@@ -55,8 +58,11 @@ enum Outcome {
 }
 
 pub fn run(a: Args) -> u8 {
-    let result = open(&a.a, a.format_a.as_deref(), true, a.force_share)
-        .and_then(|ia| Ok((ia, open(&a.b, a.format_b.as_deref(), true, a.force_share)?)))
+    let open = |file: &PathBuf, format: &Option<String>| {
+        open_image(file, format.as_deref(), true, a.force_share, &a.objects)
+    };
+    let result = open(&a.a, &a.format_a)
+        .and_then(|ia| Ok((ia, open(&a.b, &a.format_b)?)))
         .and_then(|(ia, ib)| compare(&ia, &ib, &a));
     match result {
         Ok(Outcome::Identical) => {

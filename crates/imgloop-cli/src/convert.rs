@@ -66,6 +66,9 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
+    /// `--object` and `--image-opts` (which applies to the source).
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// Source image.
     source: PathBuf,
     /// Target image.
@@ -155,12 +158,16 @@ fn plan_aligned(src: &Image, grid: u64) -> Result<Vec<Job>> {
 }
 
 fn convert(a: &Args) -> Result<()> {
+    let secrets = a.objects.secrets()?;
+    let spec = a.objects.spec(&a.source, a.format.as_deref())?;
     let src = crate::common::open_with(
-        &a.source,
+        &spec.path,
         &OpenOptions {
-            format: a.format.clone(),
+            format: spec.format,
             read_only: true,
             force_share: a.force_share,
+            driver_options: spec.options,
+            secrets: secrets.clone(),
             policy: imgloop::FilePolicy::like_qemu_img(),
             ..Default::default()
         },
@@ -193,10 +200,16 @@ fn convert(a: &Args) -> Result<()> {
         ))
         .in_file(&a.target));
     }
+    // The target is opened with the key it is created with.
+    let mut target_options = BTreeMap::new();
+    if let Some(id) = options.get("encrypt.key-secret") {
+        target_options.insert("encrypt.key-secret".to_string(), id.clone());
+    }
     if !a.no_create {
         let opts = CreateOptions {
             size: src.size(),
             options,
+            secrets: secrets.clone(),
             ..Default::default()
         };
         imgloop::create(&a.target, &a.out_format, &opts)?;
@@ -210,6 +223,8 @@ fn convert(a: &Args) -> Result<()> {
         &OpenOptions {
             unsafe_cache: !sync_at_end,
             policy: imgloop::FilePolicy::like_qemu_img(),
+            driver_options: target_options,
+            secrets,
             ..OpenOptions::read_write(Some(&a.out_format))
         },
     )?;

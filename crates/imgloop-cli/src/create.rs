@@ -26,6 +26,9 @@ pub struct Args {
     /// Quiet: print nothing on success.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// `--object` (secrets named by `-o encrypt.key-secret=ID`).
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// The image file to create.
     file: Option<PathBuf>,
     /// Virtual size, with an optional suffix k, M, G, T, P (1024-based).
@@ -61,26 +64,36 @@ fn create(a: Args) -> imgloop::Result<()> {
     }
     let backing = a.backing.or_else(|| options.remove("backing_file"));
     let backing_fmt = a.backing_format.or_else(|| options.remove("backing_fmt"));
-    create_with(
-        file,
-        &a.format,
+    if a.objects.image_opts {
+        return Err(Error::invalid_argument("create does not take --image-opts"));
+    }
+    let new = NewImage {
         size,
         options,
         backing,
-        backing_fmt,
-        a.quiet,
-    )
+        backing_format: backing_fmt,
+        secrets: a.objects.secrets()?,
+    };
+    create_with(file, &a.format, new, a.quiet)
 }
 
-fn create_with(
-    file: PathBuf,
-    format: &str,
+/// What `create` makes.
+struct NewImage {
     size: Option<u64>,
     options: std::collections::BTreeMap<String, String>,
     backing: Option<String>,
     backing_format: Option<String>,
-    quiet: bool,
-) -> imgloop::Result<()> {
+    secrets: imgloop::Secrets,
+}
+
+fn create_with(file: PathBuf, format: &str, new: NewImage, quiet: bool) -> imgloop::Result<()> {
+    let NewImage {
+        size,
+        options,
+        backing,
+        backing_format,
+        secrets,
+    } = new;
     if size.is_none() && backing.is_none() {
         return Err(
             Error::invalid_argument("Image creation needs a size parameter").in_file(&file),
@@ -112,6 +125,7 @@ fn create_with(
         options,
         backing_file: backing,
         backing_format,
+        secrets,
     };
     if !quiet {
         let mut line = format!("Formatting '{}', fmt={format}", file.display());

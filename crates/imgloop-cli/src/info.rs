@@ -1,6 +1,6 @@
 //! `imgloop info`.
 
-use crate::common::{fail, open, print_json, Output};
+use crate::common::{fail, open_image, print_json, Output};
 use imgloop::size::human_size;
 use imgloop::{Image, ImageInfo};
 use serde::Serialize;
@@ -24,6 +24,9 @@ pub struct Args {
     /// Open without taking locks (the image may be in use).
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// `--object` and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// The image file.
     file: PathBuf,
 }
@@ -89,6 +92,9 @@ fn print_human(img: &Image) {
     );
     if let Some(a) = i.actual_size {
         println!("disk size: {}", human_size(a));
+    }
+    if i.encrypted {
+        println!("encrypted: yes");
     }
     if let Some(c) = i.cluster_size {
         println!("cluster_size: {c}");
@@ -170,7 +176,13 @@ fn dump_value(label: &str, value: &serde_json::Value, depth: usize, out: &mut St
 }
 
 pub fn run(a: Args) -> u8 {
-    let img = match open(&a.file, a.format.as_deref(), true, a.force_share) {
+    let img = match open_image(
+        &a.file,
+        a.format.as_deref(),
+        true,
+        a.force_share,
+        &a.objects,
+    ) {
         Ok(i) => i,
         Err(e) => return fail(&e),
     };

@@ -44,19 +44,25 @@ pub struct Args {
     /// A command to run.
     #[arg(short = 'c', long = "cmd", required = true)]
     commands: Vec<String>,
+    /// `--object` and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// The image file.
     file: PathBuf,
 }
 
 pub fn run(a: Args) -> u8 {
-    let opened = parse_options(&a.open_options).and_then(|driver_options| {
+    let opened = parse_options(&a.open_options).and_then(|mut driver_options| {
+        let spec = a.objects.spec(&a.file, a.format.as_deref())?;
+        driver_options.extend(spec.options);
         crate::common::open_with(
-            &a.file,
+            &spec.path,
             &imgloop::OpenOptions {
-                format: a.format.clone(),
+                format: spec.format,
                 read_only: a.read_only,
                 force_share: a.force_share,
                 driver_options,
+                secrets: a.objects.secrets()?,
                 policy: imgloop::FilePolicy::like_qemu_img(),
                 ..Default::default()
             },

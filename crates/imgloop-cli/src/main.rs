@@ -12,6 +12,7 @@ mod info;
 mod io;
 mod list;
 mod map;
+mod objects;
 mod resize;
 
 use clap::{Parser, Subcommand};

@@ -1,6 +1,6 @@
 //! `imgloop map`.
 
-use crate::common::{fail, open, Output};
+use crate::common::{fail, open_image, Output};
 use imgloop::size::parse_size;
 use imgloop::MapEntry;
 use std::io::Write;
@@ -27,6 +27,9 @@ pub struct Args {
     /// Open without taking locks (the image may be in use).
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// `--object` and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// The image file.
     file: PathBuf,
 }
@@ -57,7 +60,13 @@ fn hex(v: u64) -> String {
 }
 
 pub fn run(a: Args) -> u8 {
-    let img = match open(&a.file, a.format.as_deref(), true, a.force_share) {
+    let img = match open_image(
+        &a.file,
+        a.format.as_deref(),
+        true,
+        a.force_share,
+        &a.objects,
+    ) {
         Ok(i) => i,
         Err(e) => return fail(&e),
     };

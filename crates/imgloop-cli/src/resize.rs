@@ -1,6 +1,6 @@
 //! `imgloop resize`.
 
-use crate::common::{fail, open};
+use crate::common::{fail, open_image};
 use imgloop::size::parse_size;
 use imgloop::{Error, Preallocation};
 use std::path::PathBuf;
@@ -23,6 +23,9 @@ pub struct Args {
     /// Quiet: print nothing on success.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// `--object` and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// The image file.
     file: PathBuf,
     /// New size, or +SIZE / -SIZE relative to the current one.
@@ -52,7 +55,7 @@ fn resize(a: &Args) -> imgloop::Result<()> {
         },
     };
     let amount = parse_size(text)?;
-    let img = open(&a.file, a.format.as_deref(), false, false)?;
+    let img = open_image(&a.file, a.format.as_deref(), false, false, &a.objects)?;
     let cur = img.size();
     let new = match sign {
         1 => cur

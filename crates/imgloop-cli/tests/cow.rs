@@ -61,6 +61,14 @@ const WRITES: &[&str] = &[
     "write -P 0x44 1047552 1024",
 ];
 
+/// The disk `WRITES` give on a copy of `base`, written by qemu-io.
+fn written_on_a_copy(sc: &Scratch, base: &Path) -> Vec<u8> {
+    let copy = sc.path("copy.img");
+    std::fs::copy(base, &copy).unwrap();
+    qemu_io("raw", &copy, WRITES).ok();
+    std::fs::read(&copy).unwrap()
+}
+
 #[test]
 fn files_made_by_uml_mkcow_read_as_their_backing_file_and_merge_like_uml_after_writes() {
     let sc = Scratch::new();
@@ -78,10 +86,12 @@ fn files_made_by_uml_mkcow_read_as_their_backing_file_and_merge_like_uml_after_w
     imgloop_io("cow", &cow, WRITES).ok();
     let merged = sc.path("merged.img");
     uml_moo(&cow, &merged);
+    let merged = std::fs::read(&merged).unwrap();
+    assert_same("uml_moo merge vs imgloop", &merged, &as_raw(&sc, &cow));
     assert_same(
-        "uml_moo merge vs imgloop",
-        &std::fs::read(&merged).unwrap(),
-        &as_raw(&sc, &cow),
+        "uml_moo merge vs the writes on a copy",
+        &merged,
+        &written_on_a_copy(&sc, &base),
     );
     // The patterns read back, and the backing file was not touched.
     imgloop_io(
@@ -134,10 +144,16 @@ fn files_imgloop_creates_are_merged_by_uml_moo_in_both_versions() {
 
         imgloop_io("cow", &cow, WRITES).ok();
         uml_moo(&cow, &merged);
+        let merged = std::fs::read(&merged).unwrap();
         assert_same(
             &format!("version {version}: uml_moo merge vs imgloop"),
-            &std::fs::read(&merged).unwrap(),
+            &merged,
             &as_raw(&sc, &cow),
+        );
+        assert_same(
+            &format!("version {version}: uml_moo merge vs the writes on a copy"),
+            &merged,
+            &written_on_a_copy(&sc, &base),
         );
     }
 }
@@ -376,6 +392,29 @@ fn hostile_headers_are_errors_naming_the_file_and_the_header() {
     std::fs::write(&bad, &b).unwrap();
     let r = imgloop(&["info", "-f", "cow", s(&bad)]);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    // A backing name without its terminator, and one that is not UTF-8.
+    let mut b = good.clone();
+    b[32..32 + 4096].fill(b'a');
+    std::fs::write(&bad, &b).unwrap();
+    let r = imgloop(&["info", "-f", "cow", s(&bad)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no terminating NUL"), "{}", r.stderr);
+    let mut b = good.clone();
+    b[32..36].copy_from_slice(b"/\xff\xfe\0");
+    std::fs::write(&bad, &b).unwrap();
+    let r = imgloop(&["info", "-f", "cow", s(&bad)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("not valid UTF-8"), "{}", r.stderr);
+    // A file that ends inside the bitmap opens with a warning; the
+    // missing bits are clear.
+    std::fs::write(&bad, &good[..5000]).unwrap();
+    let r = imgloop(&["compare", "-f", "cow", "-F", "raw", s(&bad), s(&base)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("warning") && r.stderr.contains("inside the bitmap"),
+        "{}",
+        r.stderr
+    );
     // Truncated.
     std::fs::write(&bad, &good[..200]).unwrap();
     let r = imgloop(&["info", "-f", "cow", s(&bad)]);

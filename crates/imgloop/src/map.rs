@@ -74,7 +74,8 @@ impl Image {
                 zero: s.zero,
                 data: s.data,
                 compressed: s.compressed,
-                offset: s.offset,
+                // As qemu-img: the host place of ciphertext is not shown.
+                offset: s.offset.filter(|_| !s.encrypted),
                 file,
                 encrypted: s.encrypted,
             };

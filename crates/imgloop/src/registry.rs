@@ -3,6 +3,7 @@
 use crate::driver::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::cow::CowFormat;
+use crate::formats::qcow::QcowFormat;
 use crate::formats::qcow2::Qcow2Format;
 use crate::formats::raw::RawFormat;
 use std::path::Path;
@@ -10,15 +11,16 @@ use std::path::Path;
 static RAW: RawFormat = RawFormat;
 static QCOW2: Qcow2Format = Qcow2Format;
 static COW: CowFormat = CowFormat;
+static QCOW: QcowFormat = QcowFormat;
 
 /// Every format driver imgloop has, in probing order.
 pub fn formats() -> &'static [&'static dyn Format] {
-    static ALL: [&dyn Format; 3] = [&QCOW2, &COW, &RAW];
+    static ALL: [&dyn Format; 4] = [&QCOW2, &QCOW, &COW, &RAW];
     &ALL
 }
 
 /// Format names the project plans to support but that have no driver yet.
-const PLANNED: &[&str] = &["qcow", "vhdx", "parallels", "vpc", "vmdk", "vdi"];
+const PLANNED: &[&str] = &["vhdx", "parallels", "vpc", "vmdk", "vdi"];
 
 /// The format called `name` (as qemu-img spells it).
 pub fn find(name: &str) -> Result<&'static dyn Format> {

@@ -222,6 +222,7 @@ fn model_test(
     let open = |ro: bool| {
         let dopts = crate::driver::DriverOpenOptions {
             options: options.clone(),
+            secrets: create.secrets.clone(),
             ..crate::driver::DriverOpenOptions::new(ro)
         };
         Image::open_storage_with(
@@ -451,6 +452,7 @@ pub fn run_power_cut_test(t: &PowerCut, seed: u64) -> Result<()> {
         |ro: bool, storages: &[(String, Arc<dyn Storage>)]| crate::driver::DriverOpenOptions {
             options: options.clone(),
             companions: storages.iter().cloned().collect(),
+            secrets: t.create.secrets.clone(),
             ..crate::driver::DriverOpenOptions::new(ro)
         };
     let live: Vec<(String, Arc<dyn Storage>)> = companions

@@ -215,6 +215,7 @@ fn fast_zero_fails_distinctly_instead_of_writing_buffers() {
         backing_file: Some("base.raw".into()),
         backing_format: Some("raw".into()),
         options: [("compat".to_string(), "0.10".to_string())].into(),
+        ..Default::default()
     };
     registry::find("qcow2")
         .unwrap()

@@ -55,6 +55,8 @@ pub struct DriverInfo {
     pub cluster_size: Option<u64>,
     /// The image was not closed cleanly.
     pub dirty: bool,
+    /// The guest data is encrypted.
+    pub encrypted: bool,
     /// Facts only this format has (qemu-img's `format-specific`).
     pub format_specific: Option<FormatSpecific>,
     /// Internal snapshots.
@@ -209,6 +211,8 @@ pub struct DriverOpenOptions {
     /// the name as stored in the image: used instead of opening a file
     /// (in-memory multi-file images, crash-simulation tests).
     pub companions: BTreeMap<String, Arc<dyn crate::storage::Storage>>,
+    /// Secrets the driver options may name (`encrypt.key-secret=ID`).
+    pub secrets: crate::secret::Secrets,
 }
 
 impl Default for DriverOpenOptions {
@@ -227,6 +231,7 @@ impl DriverOpenOptions {
             options: BTreeMap::new(),
             policy: FilePolicy::default(),
             companions: BTreeMap::new(),
+            secrets: crate::secret::Secrets::new(),
         }
     }
 
@@ -247,6 +252,8 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// Backing file format (`-F`).
     pub backing_format: Option<String>,
+    /// Secrets the options may name (`encrypt.key-secret=ID`).
+    pub secrets: crate::secret::Secrets,
 }
 
 impl CreateOptions {
@@ -262,6 +269,26 @@ impl CreateOptions {
             }
         }
         Ok(())
+    }
+
+    /// The on/off option `key` (qemu-img spellings: on/off, true/false,
+    /// yes/no), false when absent.
+    pub fn get_bool(&self, key: &str) -> Result<bool> {
+        match self.options.get(key).map(String::as_str) {
+            None | Some("off") | Some("false") | Some("no") => Ok(false),
+            Some("on") | Some("true") | Some("yes") => Ok(true),
+            Some(v) => Err(Error::invalid_argument(format!(
+                "invalid value '{v}' for option '{key}' (expected on or off)"
+            ))),
+        }
+    }
+
+    /// The size option `key` (`64k`, `1M`, ...), if given.
+    pub fn get_size(&self, key: &str) -> Result<Option<u64>> {
+        self.options
+            .get(key)
+            .map(|v| crate::size::parse_size(v))
+            .transpose()
     }
 
     /// A typed option value, or `None` when not given.

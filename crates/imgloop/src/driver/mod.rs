@@ -31,7 +31,7 @@ pub use mapping::{
     WriteFlags, WriteMapping, ZeroAction, ZeroFlags, ZeroMapping,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,20 +40,35 @@ use std::sync::Arc;
 /// image, for the parts of a unit a partial write does not cover.
 pub struct IoCtx<'a> {
     pub(crate) backing: Option<&'a crate::Image>,
+    /// The image names a backing file the open policy left closed.
+    pub(crate) closed_backing: Option<&'a str>,
 }
 
 impl IoCtx<'_> {
     /// A context with no backing image.
     pub fn none() -> IoCtx<'static> {
-        IoCtx { backing: None }
+        IoCtx {
+            backing: None,
+            closed_backing: None,
+        }
     }
 
     /// Reads guest data of the layer below: the backing image, or zeroes
-    /// where there is none or it is shorter than the request.
+    /// where there is none or it is shorter than the request. Fails with
+    /// [`ErrorKind::Refused`] when the image names a backing file that
+    /// was not opened: copying zeroes instead of its data would change
+    /// what the guest sees.
     pub fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match self.backing {
-            Some(b) => b.read_zero_extended(buf, offset),
-            None => {
+        match (self.backing, self.closed_backing) {
+            (Some(b), _) => b.read_zero_extended(buf, offset),
+            (None, Some(name)) => Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "this write needs data from the backing file '{name}', which was not \
+                     opened (the open policy does not follow backing files)"
+                ),
+            )),
+            (None, None) => {
                 buf.fill(0);
                 Ok(())
             }

@@ -2,6 +2,9 @@
 //! formats share.
 
 pub mod cow;
+pub mod deflate;
+pub mod header_table;
+pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 pub mod table_cache;

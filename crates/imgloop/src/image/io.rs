@@ -54,6 +54,10 @@ impl Image {
     fn ctx(&self) -> IoCtx<'_> {
         IoCtx {
             backing: self.backing.as_deref(),
+            closed_backing: match (&self.backing, &self.backing_ref) {
+                (None, Some(b)) => Some(b.filename.as_str()),
+                _ => None,
+            },
         }
     }
 

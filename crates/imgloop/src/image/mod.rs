@@ -48,6 +48,8 @@ pub struct OpenOptions {
     pub policy: FilePolicy,
     /// Driver options (`key=value`).
     pub driver_options: BTreeMap<String, String>,
+    /// Secrets the driver options may name (`encrypt.key-secret=ID`).
+    pub secrets: crate::secret::Secrets,
     /// Cache mode "unsafe": ignore sync requests on the image file (fast,
     /// but a crash may lose or tear recent writes).
     pub unsafe_cache: bool,
@@ -91,6 +93,9 @@ pub struct ImageInfo {
     /// Bytes allocated on the host (every file the image keeps data in).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actual_size: Option<u64>,
+    /// The guest data is encrypted.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
     /// The image was not closed cleanly.
     pub dirty_flag: bool,
     /// Cluster size, for formats that have clusters.
@@ -308,6 +313,7 @@ impl Image {
             filename: self.name.clone(),
             format: self.format().to_string(),
             actual_size: self.actual_size(),
+            encrypted: di.encrypted,
             dirty_flag: di.dirty,
             cluster_size: di.cluster_size,
             backing_filename: self.backing_ref.as_ref().map(|b| b.filename.clone()),

@@ -126,6 +126,7 @@ impl Image {
             options: opts.driver_options.clone(),
             policy: opts.policy.clone(),
             companions: BTreeMap::new(),
+            secrets: opts.secrets.clone(),
         };
         let driver = fmt.open(storage, &dopts).map_err(|e| e.in_file(path))?;
         // The other files of the image (data files) are locked like it.
@@ -212,6 +213,7 @@ impl Image {
             force_share: opts.force_share,
             policy: opts.policy.clone(),
             driver_options: BTreeMap::new(),
+            secrets: opts.secrets.clone(),
             unsafe_cache: false,
         };
         Self::open_chain(full, file, &bopts, depth + 1, seen)

@@ -101,10 +101,18 @@ impl Fields<'_> {
         }
     }
 
-    fn path(&self, at: usize, len: usize) -> String {
+    /// The NUL-terminated backing file name in the `len`-byte field at
+    /// `at`.
+    fn path(&self, at: usize, len: usize) -> Result<String> {
         let raw = &self.b[at..at + len];
-        let end = raw.iter().position(|&c| c == 0).unwrap_or(len);
-        String::from_utf8_lossy(&raw[..end]).into_owned()
+        let Some(end) = raw.iter().position(|&c| c == 0) else {
+            return Err(bad(
+                at as u64,
+                format!("the backing file name has no terminating NUL within its {len}-byte field"),
+            ));
+        };
+        String::from_utf8(raw[..end].to_vec())
+            .map_err(|_| bad(at as u64, "the backing file name is not valid UTF-8"))
     }
 }
 
@@ -164,7 +172,7 @@ impl CowHeader {
                 let size = f.u64(268);
                 Self::legacy(
                     Layout::V1 { big_endian: big },
-                    f.path(8, 256),
+                    f.path(8, 256)?,
                     f.u32(264),
                     size,
                     ss,
@@ -177,16 +185,16 @@ impl CowHeader {
                 if b.len() >= 4120 && f.u32(4116) == SECTOR as u32 {
                     Self::legacy(
                         Layout::V2,
-                        f.path(8, 4096),
+                        f.path(8, 4096)?,
                         f.u32(4104),
                         f.u64(4108),
                         f.u32(4116),
                         4120,
                     )?
                 } else if b.len() >= 1056 && f.u32(1048) == SECTOR as u32 {
-                    Self::qemu_v2(f.path(8, 1024), f.u32(1032), f.u64(1040), 1040, 1056)?
+                    Self::qemu_v2(f.path(8, 1024)?, f.u32(1032), f.u64(1040), 1040, 1056)?
                 } else if b.len() >= 1048 && f.u32(1044) == SECTOR as u32 {
-                    Self::qemu_v2(f.path(8, 1024), f.u32(1032), f.u64(1036), 1036, 1048)?
+                    Self::qemu_v2(f.path(8, 1024)?, f.u32(1032), f.u64(1036), 1036, 1048)?
                 } else {
                     return Err(bad(4116, "version 2 COW header without a 512-byte sector size where UML or QEMU put it"));
                 }
@@ -226,7 +234,7 @@ impl CowHeader {
                 )?;
                 CowHeader {
                     layout,
-                    backing_file: f.path(path_at, 4096),
+                    backing_file: f.path(path_at, 4096)?,
                     mtime: f.u32(8),
                     size,
                     sector_size: ss,

@@ -160,6 +160,8 @@ pub struct Cow {
     units: Arc<UnitLocks>,
     /// Why writes are refused (the backing file changed), if they are.
     refuse_writes: Option<String>,
+    /// Other problems found at open, for `warnings`.
+    notes: Vec<String>,
 }
 
 /// What a commit of this driver publishes: sectors `[first, last)` now
@@ -176,6 +178,17 @@ impl Cow {
     pub fn open(storage: Arc<dyn Storage>, opts: &DriverOpenOptions) -> Result<Cow> {
         let header = CowHeader::read(&*storage)?;
         let refuse_writes = Self::backing_mismatch(&header, opts);
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("reading the COW file size", e))?;
+        let bitmap_end = header.bitmap_offset + header.bitmap_bytes();
+        let mut notes = Vec::new();
+        if file_len < bitmap_end {
+            notes.push(format!(
+                "the file ends at {file_len}, inside the bitmap (which ends at {bitmap_end}): \
+                 the missing bits read as clear, so those sectors read from the backing file"
+            ));
+        }
         Ok(Cow {
             storages: [storage],
             header,
@@ -184,6 +197,7 @@ impl Cow {
             flush_lock: Mutex::new(()),
             units: UnitLocks::new(),
             refuse_writes,
+            notes,
         })
     }
 
@@ -612,10 +626,15 @@ impl Driver for Cow {
     }
 
     fn warnings(&self) -> Vec<Error> {
-        self.refuse_writes
+        let state = self
+            .refuse_writes
             .iter()
-            .map(|why| Error::new(ErrorKind::State, why.clone()))
-            .collect()
+            .map(|why| Error::new(ErrorKind::State, why.clone()));
+        let damage = self
+            .notes
+            .iter()
+            .map(|why| Error::invalid_format("COW bitmap", self.header.bitmap_offset, why.clone()));
+        state.chain(damage).collect()
     }
 
     fn close(&self) -> Result<()> {

@@ -34,11 +34,7 @@ pub fn decompress(
 ) -> std::result::Result<Vec<u8>, DecompressError> {
     let mut out = vec![0u8; cs];
     let got = match kind {
-        CompressionType::Zlib => {
-            let mut d = flate2::Decompress::new(false);
-            d.decompress(input, &mut out, flate2::FlushDecompress::Finish)?;
-            d.total_out() as usize
-        }
+        CompressionType::Zlib => crate::formats::deflate::inflate_raw(input, &mut out)?,
         CompressionType::Zstd => {
             use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
             let mut d = Decoder::new().map_err(DecompressError::Zstd)?;
@@ -66,7 +62,7 @@ pub fn decompress(
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
     let limit = input.len().saturating_sub(1);
     let out = match kind {
-        CompressionType::Zlib => super::deflate::deflate_raw(input, limit)?,
+        CompressionType::Zlib => crate::formats::deflate::deflate_raw(input, limit)?,
         CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
     };
     (out.len() <= limit).then_some(out)

@@ -11,16 +11,6 @@ use crate::storage::{FileStorage, Storage};
 use std::path::Path;
 use std::sync::Arc;
 
-fn parse_bool(opts: &CreateOptions, key: &str) -> Result<bool> {
-    match opts.options.get(key).map(String::as_str) {
-        None | Some("off") | Some("false") | Some("no") => Ok(false),
-        Some("on") | Some("true") | Some("yes") => Ok(true),
-        Some(v) => Err(Error::invalid_argument(format!(
-            "invalid value '{v}' for option '{key}' (expected on or off)"
-        ))),
-    }
-}
-
 /// Validated create options.
 struct Plan {
     version: u32,
@@ -61,8 +51,8 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
             "refcount_bits must be a power of two up to 64, not {refcount_bits}"
         )));
     }
-    let lazy = parse_bool(opts, "lazy_refcounts")?;
-    let ext_l2 = parse_bool(opts, "extended_l2")?;
+    let lazy = opts.get_bool("lazy_refcounts")?;
+    let ext_l2 = opts.get_bool("extended_l2")?;
     let compression = match opts.options.get("compression_type").map(String::as_str) {
         None | Some("zlib") => CompressionType::Zlib,
         Some("zstd") => CompressionType::Zstd,
@@ -74,7 +64,7 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
     };
     let mut prealloc: Preallocation = opts.get("preallocation")?.unwrap_or_default();
     let data_file = opts.options.get("data_file").cloned();
-    let data_file_raw = parse_bool(opts, "data_file_raw")?;
+    let data_file_raw = opts.get_bool("data_file_raw")?;
     if data_file_raw && prealloc == Preallocation::Off {
         // Every guest cluster must map to its place in the raw data file,
         // or data put there by other tools would not show through.

@@ -43,6 +43,7 @@ impl Qcow2 {
         DriverInfo {
             cluster_size: Some(self.cluster_size),
             dirty: h.incompatible_features & header::incompat::DIRTY != 0,
+            encrypted: h.crypt_method != 0,
             format_specific: Some(FormatSpecific::Qcow2(facts)),
             snapshots: self.snapshot_infos(h),
         }

@@ -6,8 +6,8 @@
 //! answers reads and block status, `write` answers writes, write-zeroes
 //! and discard and publishes their metadata, `alloc` keeps refcounts and
 //! allocates clusters, the shared [`TableCache`](super::table_cache::TableCache) holds metadata tables, `flush` writes
-//! them back in crash-safe order, `resize`, `create`, `compress` (and
-//! `deflate`), `check`, `info`, [`bitmap`] and `snapshot` do the rest.
+//! them back in crash-safe order, `resize`, `create`, `compress` (through
+//! the shared `deflate`), `check`, `info`, [`bitmap`] and `snapshot` do the rest.
 //!
 //! Locking: metadata sits behind one reader/writer lock ([`Tables`]).
 //! Reads take it shared (one acquisition for a request spanning many
@@ -33,7 +33,6 @@ pub mod bitmap;
 mod check;
 mod compress;
 mod create;
-mod deflate;
 pub mod entry;
 mod flush;
 pub mod header;

@@ -6,6 +6,7 @@ use super::header::{self, Header};
 use super::{entry, Qcow2, QcowError, Tables};
 use crate::driver::{DriverOpenOptions, RepairMode};
 use crate::error::{Condition, Error, ErrorKind, Result};
+use crate::formats::header_table::read_header_table;
 use crate::formats::table_cache::TableCache;
 use crate::inflight::UnitLocks;
 use crate::policy::FileRole;
@@ -168,34 +169,6 @@ impl Qcow2 {
         }
         Ok(())
     }
-}
-
-/// Reads a header table (the L1 or refcount table) of `count` entries at
-/// `offset`; the part past the end of the file reads as zeroes. `count`
-/// must be bounded by the caller (the header's limits).
-pub(crate) fn read_header_table(
-    storage: &dyn Storage,
-    offset: u64,
-    count: u64,
-    what: &'static str,
-) -> Result<Vec<u64>> {
-    let bytes = count
-        .checked_mul(8)
-        .ok_or_else(|| Error::overflow(what, offset, "table size"))?;
-    let file_len = storage
-        .len()
-        .map_err(|e| Error::io("reading image size", e))?;
-    let mut buf = vec![0u8; bytes as usize];
-    if offset < file_len {
-        let avail = (file_len - offset).min(bytes) as usize;
-        storage
-            .read_at(&mut buf[..avail], offset)
-            .map_err(|e| Error::io(format!("reading {what}"), e).at(what, offset))?;
-    }
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect())
 }
 
 /// Reads a table of `count` big-endian u64 entries at `offset`. The table

@@ -1,4 +1,5 @@
-//! Raw deflate with exactly QEMU's parameters, through the system zlib.
+//! Raw deflate with exactly QEMU's parameters, through the system zlib
+//! (qcow2 and qcow compressed clusters), and the matching inflate.
 //!
 //! QEMU compresses qcow2 clusters with `deflateInit2(level 6, raw,
 //! 12-bit window, memory level 9)`. The memory level sets the size of
@@ -26,7 +27,7 @@ extern "C" fn zfree(_opaque: z::voidpf, ptr: z::voidpf) {
 
 /// Compresses `input` into a raw deflate stream of at most `limit` bytes;
 /// `None` when it does not fit (or zlib fails).
-pub(super) fn deflate_raw(input: &[u8], limit: usize) -> Option<Vec<u8>> {
+pub fn deflate_raw(input: &[u8], limit: usize) -> Option<Vec<u8>> {
     let avail_in = c_uint::try_from(input.len()).ok()?;
     let avail_out = c_uint::try_from(limit).ok()?;
     let mut out = vec![0u8; limit];
@@ -78,6 +79,14 @@ pub(super) fn deflate_raw(input: &[u8], limit: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Inflates the raw deflate stream at the start of `input` (trailing bytes
+/// are ignored) into `out`; returns the bytes produced.
+pub fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<usize, flate2::DecompressError> {
+    let mut d = flate2::Decompress::new(false);
+    d.decompress(input, out, flate2::FlushDecompress::Finish)?;
+    Ok(d.total_out() as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,10 +96,8 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251 / 7) as u8).collect();
         let packed = deflate_raw(&data, data.len()).expect("compressible");
         assert!(packed.len() < data.len() / 4);
-        let mut d = flate2::Decompress::new(false);
         let mut back = vec![0u8; data.len()];
-        d.decompress(&packed, &mut back, flate2::FlushDecompress::Finish)
-            .unwrap();
+        assert_eq!(inflate_raw(&packed, &mut back).unwrap(), data.len());
         assert_eq!(back, data);
         assert!(deflate_raw(&data, packed.len() - 1).is_none());
     }
