@@ -69,6 +69,24 @@ pub fn open_image(
     force_share: bool,
     objects: &crate::objects::ObjectArgs,
 ) -> Result<Image> {
+    open_image_with(
+        arg,
+        format,
+        (read_only, force_share),
+        objects,
+        imgloop::FilePolicy::like_qemu_img(),
+    )
+}
+
+/// [`open_image`] with an open policy; `mode` is (read-only, force-share).
+pub fn open_image_with(
+    arg: &Path,
+    format: Option<&str>,
+    mode: (bool, bool),
+    objects: &crate::objects::ObjectArgs,
+    policy: imgloop::FilePolicy,
+) -> Result<Image> {
+    let (read_only, force_share) = mode;
     let spec = objects.spec(arg, format)?;
     let opts = OpenOptions {
         format: spec.format,
@@ -76,7 +94,7 @@ pub fn open_image(
         force_share,
         driver_options: spec.options,
         secrets: objects.secrets()?,
-        policy: imgloop::FilePolicy::like_qemu_img(),
+        policy,
         ..Default::default()
     };
     open_with(&spec.path, &opts)

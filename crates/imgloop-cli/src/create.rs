@@ -26,6 +26,9 @@ pub struct Args {
     /// Quiet: print nothing on success.
     #[arg(short = 'q', long)]
     quiet: bool,
+    /// Unsafe: do not open the backing file (the size must be given).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
     /// `--object` (secrets named by `-o encrypt.key-secret=ID`).
     #[command(flatten)]
     objects: crate::objects::ObjectArgs,
@@ -73,6 +76,7 @@ fn create(a: Args) -> imgloop::Result<()> {
         backing,
         backing_format: backing_fmt,
         secrets: a.objects.secrets()?,
+        unsafe_backing: a.unsafe_backing,
     };
     create_with(file, &a.format, new, a.quiet)
 }
@@ -84,6 +88,7 @@ struct NewImage {
     backing: Option<String>,
     backing_format: Option<String>,
     secrets: imgloop::Secrets,
+    unsafe_backing: bool,
 }
 
 fn create_with(file: PathBuf, format: &str, new: NewImage, quiet: bool) -> imgloop::Result<()> {
@@ -93,8 +98,9 @@ fn create_with(file: PathBuf, format: &str, new: NewImage, quiet: bool) -> imglo
         backing,
         backing_format,
         secrets,
+        unsafe_backing,
     } = new;
-    if size.is_none() && backing.is_none() {
+    if size.is_none() && (backing.is_none() || unsafe_backing) {
         return Err(
             Error::invalid_argument("Image creation needs a size parameter").in_file(&file),
         );
@@ -126,6 +132,7 @@ fn create_with(file: PathBuf, format: &str, new: NewImage, quiet: bool) -> imglo
         backing_file: backing,
         backing_format,
         secrets,
+        unsafe_backing,
     };
     if !quiet {
         let mut line = format!("Formatting '{}', fmt={format}", file.display());

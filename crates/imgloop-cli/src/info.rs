@@ -1,6 +1,6 @@
 //! `imgloop info`.
 
-use crate::common::{fail, open_image, print_json, Output};
+use crate::common::{fail, open_image_with, print_json, Output};
 use imgloop::size::human_size;
 use imgloop::{Image, ImageInfo};
 use serde::Serialize;
@@ -176,12 +176,19 @@ fn dump_value(label: &str, value: &serde_json::Value, depth: usize, out: &mut St
 }
 
 pub fn run(a: Args) -> u8 {
-    let img = match open_image(
+    // As qemu-img, info opens the backing chain only to show it: a
+    // missing backing file does not stop `info` of the image itself.
+    let policy = if a.backing_chain {
+        imgloop::FilePolicy::like_qemu_img()
+    } else {
+        imgloop::FilePolicy::like_qemu_img().without_backing()
+    };
+    let img = match open_image_with(
         &a.file,
         a.format.as_deref(),
-        true,
-        a.force_share,
+        (true, a.force_share),
         &a.objects,
+        policy,
     ) {
         Ok(i) => i,
         Err(e) => return fail(&e),

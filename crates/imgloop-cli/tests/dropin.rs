@@ -142,3 +142,51 @@ fn a_human_map_names_the_external_data_file_as_qemu_img_does() {
     assert_eq!(ours, run("qemu-img", &["map", "df.qcow2"]));
     assert!(ours.contains("df.data"), "{ours}");
 }
+
+#[test]
+fn create_u_skips_the_backing_file_and_info_shows_an_image_whose_backing_is_missing() {
+    let sc = Scratch::new();
+    for (tool, name) in [("qemu-img", "q.qcow2"), (imgloop_bin(), "i.qcow2")] {
+        let img = sc.path(name);
+        let base = "/nonexistent/base.raw";
+        let args = ["create", "-q", "-u", "-f", "qcow2", "-b", base, "-F", "raw"];
+        // Without the backing file's size, the size must be given.
+        let r = std::process::Command::new(tool)
+            .args(args)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(1), "{tool}");
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("Image creation needs a size parameter")
+        );
+        let r = std::process::Command::new(tool)
+            .args(args)
+            .arg(&img)
+            .arg("1M")
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    let q = qemu_img(&["info", "--output=json", s(&sc.path("i.qcow2"))])
+        .ok()
+        .json();
+    let i = imgloop(&["info", "--output=json", s(&sc.path("q.qcow2"))])
+        .ok()
+        .json();
+    for k in [
+        "virtual-size",
+        "backing-filename",
+        "backing-filename-format",
+        "cluster-size",
+    ] {
+        assert_eq!(q[k], i[k], "{k}");
+    }
+    // Reading data needs the backing file, in both tools.
+    assert_eq!(imgloop(&["map", s(&sc.path("q.qcow2"))]).code, 1);
+    assert_eq!(qemu_img(&["map", s(&sc.path("i.qcow2"))]).code, 1);
+}

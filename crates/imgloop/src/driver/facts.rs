@@ -254,6 +254,9 @@ pub struct CreateOptions {
     pub backing_format: Option<String>,
     /// Secrets the options may name (`encrypt.key-secret=ID`).
     pub secrets: crate::secret::Secrets,
+    /// Do not open the backing file (`create -u`): its size and format are
+    /// not checked, and the size must be given.
+    pub unsafe_backing: bool,
 }
 
 impl CreateOptions {

@@ -290,7 +290,7 @@ pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
             .in_file(path));
         }
     }
-    if let Some(b) = &opts.backing_file {
+    if let Some(b) = opts.backing_file.as_ref().filter(|_| !opts.unsafe_backing) {
         // Named by the caller, not by an untrusted image: open it (alone,
         // without its own chain) for its size and format.
         let full: PathBuf = FilePolicy::resolve(Some(path), b);
