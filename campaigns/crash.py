@@ -6,9 +6,11 @@ write/zero/discard/flush scripts on a fresh image and kills the running one
 with SIGKILL at a random moment. Then qemu-img and imgloop must find the
 image consistent, it must open read-write again, and every 512-byte sector
 must hold content the model allows (read back with qemu-img convert, so
-qemu-img is the oracle). See campaigns/README.md.
+qemu-img is the oracle; for cow, which QEMU has no driver for, uml_moo and
+imgloop read it back). See campaigns/README.md.
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -29,36 +31,111 @@ MAX_INVOCATIONS = 12
 KILL_SPAN = 6           # the kill lands within about this many invocations
 OP_LINE = re.compile(r"^(wrote|discard) \d+/\d+ bytes at offset \d+$")
 BAD_KEYS = ("lost_write_trials", "impossible_trials", "corrupt_images", "imgloop_check_corrupt",
-            "not_writable", "io_failures", "panics", "harness_errors")
+            "not_writable", "io_failures", "panics", "harness_errors", "imgloop_read_failures",
+            "readers_differ", "backing_changed")
+SECRET = "secret,id=sec0,data=abc"     # the key of the encrypted (qcow-aes) images
+UML_MKCOW, UML_MOO = shutil.which("uml_mkcow"), shutil.which("uml_moo")
 
 
 # ---------------------------------------------------------------- option sets
+
+class Image:
+    """The image of a trial and how the tools name it.
+
+    backing: per-sector backing byte (None: no backing file). secret: encrypted with
+    SECRET, so every imgloop and qemu command names it with --object/--image-opts.
+    oracle: "qemu" (qemu-img/qemu-io read it) or "uml_moo" (cow; None when uml_moo is
+    not installed). imgloop_reads: imgloop convert reads it back too, and must agree
+    with the oracle. companion: a backing file that must stay unchanged (content and
+    mtime)."""
+
+    def __init__(self, main, fmt, backing=None, secret=False, oracle="qemu",
+                 imgloop_reads=False, companion=None, made_by="qemu-img"):
+        self.main, self.fmt, self.backing, self.secret = main, fmt, backing, secret
+        self.oracle, self.imgloop_reads, self.companion = oracle, imgloop_reads, companion
+        self.made_by = made_by
+
+    def args(self, tool):
+        """(options, image name) for imgloop or qemu (qemu gets -f FMT for a plain image)."""
+        if self.secret:
+            return (["--object", SECRET, "--image-opts"],
+                    f"driver={self.fmt},file.filename={self.main},encrypt.key-secret=sec0")
+        return (["-f", self.fmt] if tool == "qemu" else []), self.main
+
 
 def backing_value(s):
     """Content of sector s of the raw backing file: one byte per 64 KiB, 0x80..0xbf."""
     return 0x80 + (s * SECTOR // (64 * KiB)) % 0x40
 
 
-def create_qcow2(opts):
-    def create(d):
-        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"] + (["-o", opts] if opts else [])
-        run(cmd + ["disk.qcow2", str(DISK_SIZE)], d)
-        return "disk.qcow2", "qcow2", None
-    return create
-
-
-def create_raw(d):
-    run(["qemu-img", "create", "-q", "-f", "raw", "disk.raw", str(DISK_SIZE)], d)
-    return "disk.raw", "raw", None
-
-
-def create_overlay(d):
+def write_backing(d):
     with open(os.path.join(d, "base.raw"), "wb") as f:
         for s in range(0, NSECT, 128):
             f.write(bytes([backing_value(s)]) * (128 * SECTOR))
+    return [backing_value(s) for s in range(NSECT)]
+
+
+def must(args, cwd):
+    rc, _, err = run(args, cwd)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({rc}): {err.strip()[-300:]}")
+
+
+def create_qcow2(opts):
+    def create(d, trial, imgloop):
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"] + (["-o", opts] if opts else [])
+        run(cmd + ["disk.qcow2", str(DISK_SIZE)], d)
+        return Image("disk.qcow2", "qcow2")
+    return create
+
+
+def create_raw(d, trial, imgloop):
+    run(["qemu-img", "create", "-q", "-f", "raw", "disk.raw", str(DISK_SIZE)], d)
+    return Image("disk.raw", "raw")
+
+
+def create_overlay(d, trial, imgloop):
+    backing = write_backing(d)
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
          "disk.qcow2", str(DISK_SIZE)], d)
-    return "disk.qcow2", "qcow2", [backing_value(s) for s in range(NSECT)]
+    return Image("disk.qcow2", "qcow2", backing)
+
+
+def create_qcow(kind):
+    """qcow version 1: plain, over base.raw (512-byte clusters) or AES-encrypted. Even
+    trials have qemu-img create the image, odd ones imgloop create."""
+    def create(d, trial, imgloop):
+        tool = "qemu-img" if trial % 2 == 0 else imgloop
+        cmd, backing = [tool, "create", "-q", "-f", "qcow"], None
+        if kind == "overlay":
+            backing = write_backing(d)
+            cmd += ["-b", "base.raw", "-F", "raw"]
+        elif kind == "aes":
+            cmd += ["--object", SECRET, "-o", "encrypt.format=aes,encrypt.key-secret=sec0"]
+        must(cmd + ["disk.qcow", str(DISK_SIZE)], d)
+        return Image("disk.qcow", "qcow", backing, secret=kind == "aes", imgloop_reads=True,
+                     companion="base.raw" if backing else None,
+                     made_by="qemu-img" if trial % 2 == 0 else "imgloop")
+    return create
+
+
+def create_cow(d, trial, imgloop):
+    """UML COW v3 over base.raw, made by uml_mkcow (imgloop create when it is not
+    installed). uml_mkcow stores the backing path absolute; it is rewritten to
+    'base.raw' so the copies of the dir (before-last, after-kill, kept cases) read
+    their own backing file (imgloop resolves it next to the COW file, uml_moo from its
+    cwd, the image dir)."""
+    backing = write_backing(d)
+    if UML_MKCOW:
+        must([UML_MKCOW, "disk.cow", "base.raw"], d)
+    else:
+        must([imgloop, "create", "-q", "-f", "cow", "-b", "base.raw", "-F", "raw", "disk.cow"], d)
+    with open(os.path.join(d, "disk.cow"), "r+b") as f:
+        f.seek(32)
+        f.write(b"base.raw".ljust(4096, b"\0"))
+    return Image("disk.cow", "cow", backing, oracle="uml_moo" if UML_MOO else None,
+                 imgloop_reads=True, companion="base.raw",
+                 made_by="uml_mkcow" if UML_MKCOW else "imgloop")
 
 
 OPTION_SETS = {
@@ -69,6 +146,10 @@ OPTION_SETS = {
     "qcow2-lazy": create_qcow2("lazy_refcounts=on"),
     "qcow2-compat010": create_qcow2("compat=0.10"),
     "qcow2-overlay": create_overlay,
+    "qcow-default": create_qcow("default"),
+    "qcow-overlay": create_qcow("overlay"),
+    "qcow-aes": create_qcow("aes"),
+    "cow": create_cow,
 }
 
 
@@ -118,11 +199,12 @@ def cmd_text(c):
             "flush": "flush"}[kind]
 
 
-def io_argv(imgloop, script, main):
-    argv = [imgloop, "io"]
+def io_argv(imgloop, script, img):
+    opts, name = img.args("imgloop")
+    argv = [imgloop, "io"] + opts
     for c in script:
         argv += ["-c", cmd_text(c)]
-    return argv + [main]
+    return argv + [name]
 
 
 # ---------------------------------------------------------------- model
@@ -212,7 +294,7 @@ def copy_set(src, dst):
     shutil.copytree(src, dst)
 
 
-def run_workload(rng, t, img_dir, main, model, mean):
+def run_workload(rng, t, img_dir, img, model, mean):
     """Run invocations until the kill moment; return (invocation log, failure or None).
 
     The kill moment counts only the time imgloop runs, not the harness between runs."""
@@ -223,7 +305,7 @@ def run_workload(rng, t, img_dir, main, model, mean):
         script = gen_script(rng)
         copy_set(img_dir, img_dir + ".before-last")
         t0 = time.monotonic()
-        rc, out, err, killed = run_invocation(io_argv(t["imgloop"], script, main), img_dir,
+        rc, out, err, killed = run_invocation(io_argv(t["imgloop"], script, img), img_dir,
                                               delay - ran)
         ran += time.monotonic() - t0
         entry = {"script": [cmd_text(c) for c in script], "rc": rc, "killed": killed,
@@ -242,58 +324,138 @@ def run_workload(rng, t, img_dir, main, model, mean):
     return log, None
 
 
-def verify(t, img_dir, main, fmt, model, lazy):
+def verify(t, img_dir, img, model, lazy):
     """Checks after the kill; returns a list of failure kinds and fills t with details."""
     fails = []
-    rc, js, _ = run(["qemu-img", "info", "-f", fmt, "--output=json", main], img_dir)
-    dirty = rc == 0 and json.loads(js).get("dirty-flag", False)
+    qopts, qname = img.args("qemu")
+    iopts, iname = img.args("imgloop")
+    if img.fmt == "cow":        # QEMU has no cow driver: imgloop must open it, no checker
+        rc, _, err = run([t["imgloop"], "info"] + iopts + [iname], img_dir)
+        dirty, q_rc, q_out = False, None, ""
+        if rc != 0:
+            t["info_err"] = err[-500:]
+    else:
+        rc, js, _ = run(["qemu-img", "info"] + qopts + ["--output=json", qname], img_dir)
+        dirty = rc == 0 and json.loads(js).get("dirty-flag", False)
+        q_rc, q_out, _ = run(["qemu-img", "check"] + qopts + ["--output=json", qname], img_dir)
     t["dirty"] = dirty
     excuse = lazy and dirty        # lazy refcounts: refcounts are fixed on the next rw open
-    q_rc, q_out, _ = run(["qemu-img", "check", "-f", fmt, "--output=json", main], img_dir)
-    i_rc, i_out, _ = run([t["imgloop"], "check", main], img_dir)
+    i_rc, i_out, _ = run([t["imgloop"], "check"] + iopts + [iname], img_dir)
     t["qemu_check"], t["imgloop_check"] = q_rc, i_rc
-    if rc != 0 or (q_rc not in (0, 3, 63) and not excuse):
+    if rc != 0 or (q_rc is not None and q_rc not in (0, 3, 63) and not excuse):
         fails.append("corrupt")
         t["qemu_check_out"] = q_out[-2000:]
     if i_rc not in (0, 3, 63) and not excuse:
         fails.append("imgloop_check_corrupt")
         t["imgloop_check_out"] = i_out[-2000:]
+    fails += read_back(t, img_dir, img, model)
+    fails += reopen(t, img_dir, img)
+    return fails
+
+
+def read_back(t, img_dir, img, model):
+    """Read the disk with the oracle (qemu-img convert, or uml_moo for cow) and, for
+    imgloop_reads sets, with imgloop convert too. Every reader's sectors must be allowed
+    by the model, and the readers must return the same bytes."""
+    fails, reads = [], {}
     out = os.path.join(img_dir, "..", "readback.raw")
-    c_rc, _, c_err = run(["qemu-img", "convert", "-f", fmt, "-O", "raw", main, out], img_dir)
-    if c_rc != 0:
-        fails.append("corrupt")
-        t["convert_err"] = c_err[-500:]
-    else:
+    qopts, qname = img.args("qemu")
+    iopts, iname = img.args("imgloop")
+    readers = []
+    if img.oracle == "qemu":
+        readers.append(("qemu-img", ["qemu-img", "convert"] + qopts + ["-O", "raw", qname, out],
+                        "corrupt", "convert_err"))
+    elif img.oracle == "uml_moo":
+        readers.append(("uml_moo", [UML_MOO, img.main, out], "corrupt", "convert_err"))
+    if img.imgloop_reads:
+        readers.append(("imgloop", [t["imgloop"], "convert"] + iopts + ["-O", "raw", iname, out],
+                        "imgloop_read_failure", "imgloop_read_err"))
+    for reader, argv, kind, err_key in readers:
+        if os.path.exists(out):
+            os.unlink(out)
+        c_rc, _, c_err = run(argv, img_dir)
+        if c_rc != 0:
+            fails.append(kind)
+            t[err_key] = c_err[-500:]
+            continue
         with open(out, "rb") as f:
-            lost, impossible, torn = model.compare(f.read())
+            reads[reader] = f.read()
         os.unlink(out)
+    worst = {"lost": [], "impossible": [], "torn": []}
+    for reader, data in reads.items():
+        lost, impossible, torn = model.compare(data)
+        if len(reads) > 1:
+            t.setdefault("readback", {})[reader] = {
+                "lost_sectors": len(lost), "impossible_sectors": len(impossible),
+                "torn_sectors": len(torn), "bad_sectors_sample": (lost + impossible)[:20]}
+        for k, v in (("lost", lost), ("impossible", impossible), ("torn", torn)):
+            if len(v) > len(worst[k]):
+                worst[k] = v
+    if reads:
+        lost, impossible, torn = worst["lost"], worst["impossible"], worst["torn"]
         t["lost_sectors"], t["impossible_sectors"] = len(lost), len(impossible)
         t["torn_sectors"] = len(torn)
         t["bad_sectors_sample"] = (lost + impossible)[:20]
         t["torn_sectors_sample"] = torn[:5]
         fails += ["lost_write"] * bool(lost) + ["impossible"] * bool(impossible)
-    fails += reopen(t, img_dir, main, fmt)
+    if len(set(reads.values())) > 1:
+        (a, da), (b, db) = list(reads.items())[:2]
+        diff = [s for s in range(NSECT)
+                if da[s * SECTOR:(s + 1) * SECTOR] != db[s * SECTOR:(s + 1) * SECTOR]]
+        fails.append("readers_differ")
+        t["readers_differ"] = {"readers": [a, b], "sizes": [len(da), len(db)],
+                               "sectors": len(diff), "first": diff[:20]}
     return fails
 
 
-def reopen(t, img_dir, main, fmt):
+def reopen(t, img_dir, img):
     """The image must open read-write, take a write, and check clean afterwards."""
     fails = []
-    w_rc, _, w_err = run([t["imgloop"], "io", "-c", "write -P 0x11 0 512", "-c", "flush", main],
-                         img_dir)
-    r_rc, r_out, _ = run(["qemu-io", "-f", fmt, "-r", "-c", "read -P 0x11 0 512", main], img_dir)
+    qopts, qname = img.args("qemu")
+    iopts, iname = img.args("imgloop")
+    w_rc, _, w_err = run([t["imgloop"], "io"] + iopts + ["-c", "write -P 0x11 0 512", "-c", "flush",
+                                                         iname], img_dir)
+    if img.fmt != "cow":
+        r_rc, r_out, _ = run(["qemu-io"] + qopts + ["-r", "-c", "read -P 0x11 0 512", qname],
+                             img_dir)
+    else:       # no qemu-io for cow: imgloop reads it back, and uml_moo when installed
+        r_rc, r_out, r_err = run([t["imgloop"], "io"] + iopts + ["-r", "-c", "read -P 0x11 0 512",
+                                                                 iname], img_dir)
+        r_out += r_err
+        if img.oracle == "uml_moo":
+            out = os.path.join(img_dir, "..", "reopen.raw")
+            m_rc, _, m_err = run([UML_MOO, img.main, out], img_dir)
+            if m_rc == 0:
+                with open(out, "rb") as f:
+                    if f.read(SECTOR) != b"\x11" * SECTOR:
+                        r_rc, r_out = 1, r_out + "uml_moo: verification failed at sector 0"
+            else:
+                r_rc, r_out = m_rc, r_out + m_err
+            if os.path.exists(out):
+                os.unlink(out)
     if w_rc != 0 or r_rc != 0 or "verification failed" in r_out.lower():
         fails.append("not_writable")
         t["reopen_err"] = (w_err + r_out)[-500:]
-    q_rc, q_out, _ = run(["qemu-img", "check", "-f", fmt, "--output=json", main], img_dir)
-    i_rc, _, _ = run([t["imgloop"], "check", main], img_dir)
+    if img.fmt != "cow":
+        q_rc, q_out, _ = run(["qemu-img", "check"] + qopts + ["--output=json", qname], img_dir)
+    else:
+        q_rc, q_out = None, ""
+    i_rc, _, _ = run([t["imgloop"], "check"] + iopts + [iname], img_dir)
     t["qemu_check_after_reopen"], t["imgloop_check_after_reopen"] = q_rc, i_rc
-    if q_rc not in (0, 3, 63):
+    if q_rc is not None and q_rc not in (0, 3, 63):
         fails.append("corrupt")
         t["qemu_check_after_reopen_out"] = q_out[-2000:]
     if i_rc not in (0, 3, 63):
         fails.append("imgloop_check_corrupt")
     return fails
+
+
+def file_state(path):
+    """sha256 and mtime of a file: a COW header records its backing file's mtime."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read())
+    return [h.hexdigest(), os.stat(path).st_mtime_ns]
 
 
 def run_trial(name, idx, args, work, mean):
@@ -304,14 +466,19 @@ def run_trial(name, idx, args, work, mean):
     t = {"option_set": name, "trial": idx, "seed": args.seed, "imgloop": args.imgloop,
          "durations": [], "failures": []}
     try:
-        main, fmt, backing = OPTION_SETS[name](img_dir)
-        model = Model(backing)
-        t["invocations"], fail = run_workload(rng, t, img_dir, main, model, mean)
+        img = OPTION_SETS[name](img_dir, idx, args.imgloop)
+        t["made_by"], t["image_args"] = img.made_by, img.args("imgloop")
+        companion = img.companion and os.path.join(img_dir, img.companion)
+        before = companion and file_state(companion)
+        model = Model(img.backing)
+        t["invocations"], fail = run_workload(rng, t, img_dir, img, model, mean)
         t["killed"] = any(e["killed"] for e in t["invocations"])
         copy_set(img_dir, os.path.join(top, "after-kill"))
         if fail:
             t["failures"].append(fail)
-        t["failures"] += verify(t, img_dir, main, fmt, model, "lazy" in name)
+        t["failures"] += verify(t, img_dir, img, model, "lazy" in name)
+        if companion and file_state(companion) != before:
+            t["failures"].append("backing_changed")
     except Exception as e:
         t["failures"].append("harness_error")
         t["error"] = repr(e)
@@ -339,13 +506,15 @@ def summarize(trials, secs, args):
          "lost_write_trials": 0, "lost_sectors": 0, "impossible_trials": 0,
          "impossible_sectors": 0, "corrupt_images": 0, "imgloop_check_corrupt": 0,
          "not_writable": 0, "io_failures": 0, "panics": 0, "harness_errors": 0,
+         "imgloop_read_failures": 0, "readers_differ": 0, "backing_changed": 0,
          "torn_trials": 0, "torn_sectors": 0, "dirty_after_kill": 0, "leaks_after_kill": 0,
          "seconds": round(secs, 1), "seed": args.seed, "dir": args.dir, "keep": args.keep,
          "by_option_set": {}}
     key = {"lost_write": "lost_write_trials", "impossible": "impossible_trials",
            "corrupt": "corrupt_images", "imgloop_check_corrupt": "imgloop_check_corrupt",
            "not_writable": "not_writable", "io_failure": "io_failures", "panic": "panics",
-           "harness_error": "harness_errors"}
+           "harness_error": "harness_errors", "imgloop_read_failure": "imgloop_read_failures",
+           "readers_differ": "readers_differ", "backing_changed": "backing_changed"}
     for t in trials:
         s["killed"] += bool(t.get("killed"))
         inv = t.get("invocations", [])
@@ -370,7 +539,8 @@ def print_summary(s):
     for k in ("trials", "killed", "killed_mid_script", "completed_invocations",
               "lost_write_trials", "lost_sectors", "impossible_trials", "impossible_sectors",
               "corrupt_images", "imgloop_check_corrupt", "not_writable", "io_failures", "panics",
-              "harness_errors", "torn_trials", "torn_sectors", "dirty_after_kill",
+              "harness_errors", "imgloop_read_failures", "readers_differ", "backing_changed",
+              "torn_trials", "torn_sectors", "dirty_after_kill",
               "leaks_after_kill", "seconds", "seed", "dir"):
         print(f"  {k:24} {s[k]}")
     for name, b in s["by_option_set"].items():

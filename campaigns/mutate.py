@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Mutation campaign for imgloop.
 
-Builds base images with qemu-img/qemu-io, mutates them where their metadata
-lives (seeded, reproducible), runs imgloop's read-only commands and a repair
-on each mutated image under a time and address-space limit, and compares the
-result with qemu-img. See campaigns/README.md.
+Builds base images with qemu-img/qemu-io (uml_mkcow for cow), mutates them
+where their metadata lives (seeded, reproducible), runs imgloop's read-only
+commands and a repair on each mutated image under a time and address-space
+limit, and compares the result with an oracle: qemu-img, or uml_moo for cow
+(QEMU has no cow driver). See campaigns/README.md.
 
-A format plugs in with one entry in FORMATS: a base builder (scratch dir ->
-list of bases), a locator (image path -> regions and fields) and the weights
-of the mutation kinds it supports.
+A format plugs in with one entry in FORMATS: a base builder (scratch dir,
+imgloop -> list of bases), a locator (image path -> regions and fields), the
+weights of the mutation kinds it supports, and optionally an oracle and
+whether the format has checks.
 """
 import argparse
 import hashlib
@@ -17,6 +19,7 @@ import os
 import random
 import re
 import resource
+import shlex
 import shutil
 import signal
 import struct
@@ -36,8 +39,10 @@ QEMU_TIMEOUT = 60
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 MAX_COMPARE_SIZE = 512 * MiB  # virtual sizes above this are not converted for comparison
 DOC_EXIT = {"info": {0, 1}, "map": {0, 1}, "convert": {0, 1},
-            "check": {0, 1, 2, 3, 63}, "repair": {0, 1, 2, 3, 63}}
-READ_ONLY = ("info", "map", "convert", "check")
+            "check": {0, 1, 2, 3, 63}, "repair": {0, 1, 2, 3, 63},
+            "info-nokey": {0, 1}, "convert-nokey": {0, 1}}
+SECRET = "secret,id=sec0,data=abc"        # the key of the encrypted (qcow AES) bases
+UML_MKCOW, UML_MOO = shutil.which("uml_mkcow"), shutil.which("uml_moo")
 BAD_KEYS = ("panics", "signals", "hangs", "rss_over_256mib", "readonly_changed",
             "repair_worse", "bad_exit_codes", "harness_errors")
 
@@ -137,21 +142,47 @@ def default_writes(size_mib):
             ("zero", 5 * MiB, 64 * KiB), ("0x66", size_mib * MiB - 64 * KiB, 64 * KiB)]
 
 
-def qemu_io_writes(path, fmt, writes, cwd):
-    args = ["qemu-io", "-f", fmt]
+def write_cmds(writes):
+    args = []
     for pat, off, ln in writes:
         args += ["-c", f"write -z {off} {ln}" if pat == "zero" else f"write -P {pat} {off} {ln}"]
-    qemu(args + [path], cwd)
+    return args
 
 
-def new_base(scratch, fmt, name, main, ro_companions=()):
+def qemu_io_writes(path, fmt, writes, cwd, secret=False):
+    if secret:
+        qemu(["qemu-io", "--object", SECRET, "--image-opts"] + write_cmds(writes)
+             + [image_opts(fmt, path)], cwd)
+    else:
+        qemu(["qemu-io", "-f", fmt] + write_cmds(writes) + [path], cwd)
+
+
+def imgloop_io_writes(imgloop, path, fmt, writes, cwd):
+    qemu([imgloop, "io", "-f", fmt] + write_cmds(writes) + [path], cwd)
+
+
+def new_base(scratch, fmt, name, main, ro_companions=(), secret=False):
+    """A base dir. secret: the image is encrypted with SECRET, so every command names it
+    with --object/--image-opts."""
     d = os.path.join(scratch, "bases", fmt, name)
     os.makedirs(d)
     return {"fmt": fmt, "name": name, "dir": d, "main": main,
-            "ro_companions": list(ro_companions)}
+            "ro_companions": list(ro_companions), "secret": secret}
 
 
-def build_raw_bases(scratch):
+def image_opts(fmt, path):
+    return f"driver={fmt},file.filename={path},encrypt.key-secret=sec0"
+
+
+def image_args(base, tool):
+    """(options, image name) naming a base's image on a command line: plain, or with
+    --object/--image-opts for an encrypted one. qemu tools get -f FMT for a plain image."""
+    if base.get("secret"):
+        return ["--object", SECRET, "--image-opts"], image_opts(base["fmt"], base["main"])
+    return (["-f", base["fmt"]] if tool == "qemu" else []), base["main"]
+
+
+def build_raw_bases(scratch, imgloop=None):
     b = new_base(scratch, "raw", "raw", "disk.raw")
     qemu(["qemu-img", "create", "-f", "raw", b["main"], "12M"], b["dir"])
     qemu_io_writes(b["main"], "raw", default_writes(12), b["dir"])
@@ -165,7 +196,7 @@ QCOW2_SETS = [("default", ""), ("compat010", "compat=0.10"), ("cs512", "cluster_
               ("datafile_raw", "data_file=data.bin,data_file_raw=on")]
 
 
-def build_qcow2_bases(scratch):
+def build_qcow2_bases(scratch, imgloop=None):
     bases = []
     for name, opts in QCOW2_SETS:
         b = new_base(scratch, "qcow2", name, "disk.qcow2")
@@ -210,10 +241,102 @@ def build_qcow2_bases(scratch):
     return bases
 
 
+def build_qcow_bases(scratch, imgloop):
+    """qcow (version 1): qemu-img's default (4 KiB clusters), an overlay over base.raw
+    (512-byte clusters), compressed clusters, AES encryption, and one imgloop created
+    and wrote."""
+    bases = []
+    b = new_base(scratch, "qcow", "default", "disk.qcow")
+    qemu(["qemu-img", "create", "-f", "qcow", b["main"], "12M"], b["dir"])
+    qemu_io_writes(b["main"], "qcow", default_writes(12), b["dir"])
+    bases.append(b)
+    c = new_base(scratch, "qcow", "compressed", "disk.qcow")
+    src = os.path.join(b["dir"], b["main"])
+    # qemu-img 10 exits 1 without a message after a complete compressed qcow conversion
+    # (its final empty compressed write is not supported): the copy must compare equal.
+    qemu(["qemu-img", "convert", "-c", "-O", "qcow", src, c["main"]], c["dir"], check=False)
+    qemu(["qemu-img", "compare", "-f", "qcow", "-F", "qcow", src, c["main"]], c["dir"])
+    bases.append(c)
+    b = new_base(scratch, "qcow", "backing", "disk.qcow", ro_companions=["base.raw"])
+    qemu(["qemu-img", "create", "-f", "raw", "base.raw", "12M"], b["dir"])
+    qemu_io_writes("base.raw", "raw", default_writes(12), b["dir"])
+    qemu(["qemu-img", "create", "-f", "qcow", "-b", "base.raw", "-F", "raw", b["main"], "12M"],
+         b["dir"])
+    qemu_io_writes(b["main"], "qcow", [("0x99", MiB, 64 * KiB), ("0x9a", 5 * MiB + 4096, 8 * KiB),
+                                       ("zero", 0, 64 * KiB), ("0x9b", 7 * MiB + 512, 1536)],
+                   b["dir"])
+    bases.append(b)
+    b = new_base(scratch, "qcow", "aes", "disk.qcow", secret=True)
+    qemu(["qemu-img", "create", "-f", "qcow", "--object", SECRET, "-o",
+          "encrypt.format=aes,encrypt.key-secret=sec0", b["main"], "12M"], b["dir"])
+    qemu_io_writes(b["main"], "qcow", default_writes(12), b["dir"], secret=True)
+    bases.append(b)
+    b = new_base(scratch, "qcow", "imgloop", "disk.qcow")
+    qemu([imgloop, "create", "-q", "-f", "qcow", b["main"], "12M"], b["dir"])
+    imgloop_io_writes(imgloop, b["main"], "qcow", default_writes(12), b["dir"])
+    bases.append(b)
+    return bases
+
+
+COW_PATH = {3: (32, 4096), 2: (8, 4096)}    # version -> (offset, length) of the backing name
+
+
+def cow_relative_backing(path, version):
+    """uml_mkcow (and imgloop) store the backing path absolute: make it 'base.raw', so a
+    copy of the base dir (mutated image, kept case, replay) reads its own backing file.
+    imgloop resolves it next to the COW file, uml_moo from its cwd (the image dir)."""
+    off, ln = COW_PATH[version]
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"base.raw".ljust(ln, b"\0"))
+
+
+def cow_base(scratch, name, size, imgloop, version=3):
+    """A cow base over base.raw (random content, seeded): made by uml_mkcow (v3; imgloop
+    create when uml_mkcow is not installed) or by imgloop create -o version=2."""
+    b = new_base(scratch, "cow", name, "disk.cow", ro_companions=["base.raw"])
+    with open(os.path.join(b["dir"], "base.raw"), "wb") as f:
+        f.write(random.Random(f"cow-base/{name}").randbytes(size))
+    if version == 3 and UML_MKCOW:
+        qemu([UML_MKCOW, b["main"], "base.raw"], b["dir"])
+        b["made_by"] = "uml_mkcow"
+    else:
+        qemu([imgloop, "create", "-q", "-f", "cow", "-b", "base.raw", "-F", "raw", "-o",
+              f"version={version}", b["main"]], b["dir"])
+        b["made_by"] = "imgloop create"
+    cow_relative_backing(os.path.join(b["dir"], b["main"]), version)
+    return b
+
+
+def build_cow_bases(scratch, imgloop):
+    """User-Mode-Linux COW: v3 over a 12 MiB backing file, v3 over one whose size is not a
+    multiple of 4 KiB (the bitmap's last byte is partial), and v2 (imgloop create). No
+    tool but imgloop writes COW data, so imgloop io writes patterns, single sectors
+    included (bitmap bytes with some bits set)."""
+    sectors = [("0x77", 3 * MiB + 512, 512), ("0x78", 3 * MiB + 2048, 1536),
+               ("0x79", 11 * MiB + 7 * 512, 512)]
+    bases = []
+    for name, size, version in (("v3", 12 * MiB, 3), ("v3_odd", 12 * MiB - 1536, 3),
+                                ("v2", 12 * MiB, 2)):
+        b = cow_base(scratch, name, size, imgloop, version)
+        writes = default_writes(12)[:-1] + sectors + [("0x66", size - 64 * KiB, 64 * KiB)]
+        imgloop_io_writes(imgloop, b["main"], "cow", writes, b["dir"])
+        bases.append(b)
+    return bases
+
+
 # ---------------------------------------------------------------- locators
 
 def be(data, off, width):
     return int.from_bytes(data[off:off + width], "big")
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def round_up(a, b):
+    return ceil_div(a, b) * b
 
 
 QCOW2_HDR = [("magic", 0, 4), ("version", 4, 4), ("backing_file_offset", 8, 8),
@@ -375,6 +498,88 @@ def locate_qcow2(path):
     return fd.result(cs)
 
 
+QCOW_HDR = [("magic", 0, 4), ("version", 4, 4), ("backing_file_offset", 8, 8),
+            ("backing_file_size", 16, 4), ("mtime", 20, 4), ("size", 24, 8),
+            ("cluster_bits", 32, 1), ("l2_bits", 33, 1), ("crypt_method", 36, 4),
+            ("l1_table_offset", 40, 8)]
+
+
+def locate_qcow(path):
+    """qcow version 1: the 48-byte header, the backing name, the L1 table, the L2 tables
+    it points to (2^l2_bits entries each) and the clusters their entries point to: plain
+    (bit 63 clear) or compressed (offset in the low 63-cluster_bits bits, length in the
+    cluster_bits bits above)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    fd = Found(data)
+    h = dict(zip([n for n, _, _ in QCOW_HDR], struct.unpack_from(">IIQIIQBBxxIQ", data, 0)))
+    fd.fields += QCOW_HDR
+    fd.region("header", 0, 48)
+    if h["backing_file_offset"]:
+        fd.region("backing_name", h["backing_file_offset"], h["backing_file_size"])
+    cb, l2n = h["cluster_bits"], 1 << h["l2_bits"]
+    cs = 1 << cb
+    l1n = ceil_div(h["size"], cs * l2n)
+    fd.region("l1", h["l1_table_offset"], l1n * 8)
+    seen = set()
+    for v in fd.entries("l1", h["l1_table_offset"], l1n, 8):
+        if not v or v in seen:
+            continue
+        seen.add(v)
+        fd.region("l2", v, l2n * 8)
+        for e in fd.entries(f"l2@{v}", v, l2n, 8, limit=12):
+            if e >> 63:
+                shift = 63 - cb
+                fd.region("compressed", e & ((1 << shift) - 1), (e >> shift) & (cs - 1))
+            elif e:
+                fd.region("data", e, min(cs, 4096))
+    return fd.result(cs)
+
+
+def locate_cow(path):
+    """User-Mode-Linux COW, v3 or v2 (big-endian): the header fields, the backing name,
+    the bitmap (whole, and the span with bits set), typed fields for its interesting
+    bytes (the first and last, partial ones, the ends of runs of set bits), and the
+    data of some stored sectors."""
+    with open(path, "rb") as f:
+        data = f.read()
+    fd = Found(data)
+    fields = [("magic", 0, 4), ("version", 4, 4)]
+    if be(data, 4, 4) == 3:
+        fields += [("mtime", 8, 4), ("size", 12, 8), ("sectorsize", 20, 4), ("alignment", 24, 4),
+                   ("cow_format", 28, 4)]
+        size, align = be(data, 12, 8), be(data, 24, 4)
+        name_at, bm = 32, round_up(4128, align)
+        bm_len = ceil_div(ceil_div(size, 512), 8)
+        do = round_up(bm + bm_len, align)
+        fd.region("header", 0, 32)
+    else:       # v2: path at 8, the other fields after it; bitmap length rounded UML's way
+        fields += [("mtime", 4104, 4), ("size", 4108, 8), ("sectorsize", 4116, 4)]
+        size, align, name_at, bm = be(data, 4108, 8), 512, 8, 4120
+        bm_len = (size + 511) // 4096
+        do = round_up(bm + bm_len, 512)
+        fd.region("header", 0, 8)
+        fd.region("header", 4104, 16)
+    fd.fields += fields
+    fd.region("backing_name", name_at, data.index(b"\0", name_at) - name_at + 1)
+    fd.region("bitmap", bm, bm_len)
+    bitmap = data[bm:bm + bm_len]
+    set_bytes = [i for i, b in enumerate(bitmap) if b]
+    picks = {0, bm_len - 1}
+    if set_bytes:
+        fd.region("bitmap_set", bm + set_bytes[0], set_bytes[-1] - set_bytes[0] + 1)
+        picks |= {i for i, b in enumerate(bitmap) if b not in (0, 0xff)}
+        picks |= {i for i in set_bytes if i == 0 or not bitmap[i - 1]}
+        picks |= {i for i in set_bytes if i + 1 == bm_len or not bitmap[i + 1]}
+    for i in sorted(picks)[:32]:
+        fd.field(f"bitmap[{i}]", bm + i, 1)
+    stored = [8 * i + k for i in set_bytes for k in range(8) if bitmap[i] >> k & 1]
+    for s in stored[::max(1, len(stored) // 24)]:
+        fd.region("data", do + 512 * s, 512)
+    fd.offsets.update({bm, do, bm + bm_len})
+    return fd.result(align)
+
+
 # ---------------------------------------------------------------- mutations
 
 def mut_bitflip(rng, info):
@@ -423,6 +628,11 @@ FORMATS = {
             "weights": {"bitflip": 6, "truncate": 4}},
     "qcow2": {"build": build_qcow2_bases, "locate": locate_qcow2,
               "weights": {"bitflip": 45, "field": 40, "truncate": 15}},
+    "qcow": {"build": build_qcow_bases, "locate": locate_qcow, "checks": False,
+             "weights": {"bitflip": 45, "field": 40, "truncate": 15}},
+    "cow": {"build": build_cow_bases, "locate": locate_cow, "checks": False,
+            "oracle": lambda d, base, out: moo_probe(d, base, out),
+            "weights": {"bitflip": 40, "field": 45, "truncate": 15}},
 }
 
 
@@ -455,10 +665,11 @@ def apply_mutations(path, muts):
 
 # ---------------------------------------------------------------- one image
 
-def qemu_probe(d, main, fmt, out):
+def qemu_probe(d, base, out):
     """qemu-img's view of an image: info/check exit codes, sha256 of its raw conversion."""
-    rc_info, js = qemu(["qemu-img", "info", "-f", fmt, "--output=json", main], d, check=False)
-    rc_check, _ = qemu(["qemu-img", "check", "-f", fmt, "--output=json", main], d, check=False)
+    opts, name = image_args(base, "qemu")
+    rc_info, js = qemu(["qemu-img", "info"] + opts + ["--output=json", name], d, check=False)
+    rc_check, _ = qemu(["qemu-img", "check"] + opts + ["--output=json", name], d, check=False)
     sha, raw_size = None, None
     if rc_info == 0:
         try:
@@ -466,12 +677,61 @@ def qemu_probe(d, main, fmt, out):
         except (ValueError, KeyError):
             vsize = None
         if vsize is not None and vsize <= MAX_COMPARE_SIZE:
-            rc, _ = qemu(["qemu-img", "convert", "-f", fmt, "-O", "raw", main, out], d, check=False)
+            rc, _ = qemu(["qemu-img", "convert"] + opts + ["-O", "raw", name, out], d, check=False)
             if rc == 0:
                 sha, raw_size = sha256_file(out), os.path.getsize(out)
         if os.path.exists(out):
             os.unlink(out)
     return {"info": rc_info, "check": rc_check, "raw_sha": sha, "raw_size": raw_size}
+
+
+def moo_probe(d, base, out):
+    """uml_moo's view of a COW file (QEMU has no cow driver): uml_moo merges it with its
+    backing file into out, whole 512-byte sectors. It succeeding stands for "opens";
+    there is no checker (check 63). A uml_moo failure or crash means no oracle. The
+    output is capped at MAX_COMPARE_SIZE (RLIMIT_FSIZE) and the run at QEMU_TIMEOUT."""
+    res = {"info": None, "check": 63, "raw_sha": None, "raw_size": None}
+    if not UML_MOO:
+        return res
+
+    def pre():
+        os.setsid()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_COMPARE_SIZE, MAX_COMPARE_SIZE))
+        resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+    if os.path.exists(out):
+        os.unlink(out)
+    p = subprocess.Popen([UML_MOO, base["main"], out], cwd=d, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pre)
+    try:
+        rc = p.wait(timeout=QEMU_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        rc = None
+    res["info"], res["oracle_rc"] = (0 if rc == 0 else 1), rc
+    if rc == 0 and os.path.exists(out):
+        res["raw_sha"], res["raw_size"] = sha256_file(out), os.path.getsize(out)
+    if os.path.exists(out):
+        os.unlink(out)
+    return res
+
+
+def oracle_probe(d, base, out):
+    return FORMATS[base["fmt"]].get("oracle", qemu_probe)(d, base, out)
+
+
+def imgloop_commands(base, out):
+    """The imgloop commands run on each image, by name (read-only ones first)."""
+    opts, name = image_args(base, "imgloop")
+    cmds = {"info": ["info", "--output", "json"] + opts + [name],
+            "map": ["map", "--output", "json"] + opts + [name],
+            "convert": ["convert"] + opts + ["-O", "raw", name, out],
+            "check": ["check"] + opts + [name]}
+    if base.get("secret"):      # without the key: info works, encrypted data does not read
+        cmds["info-nokey"] = ["info", "--output", "json", base["main"]]
+        cmds["convert-nokey"] = ["convert", "-O", "raw", base["main"], out]
+    cmds["repair"] = ["check", "-r", "all"] + opts + [name]
+    return cmds
 
 
 def judge(res, name, argv, r):
@@ -506,6 +766,7 @@ def compare_convert(res, conv, q):
     virtual size rounded differently counts as a size difference only."""
     if not conv or not q["raw_sha"]:
         return
+    res["notes"].append("convert-compared")
     size, padded_sha = conv
     if padded_sha != q["raw_sha"]:
         res["notes"].append("convert-content-differs")
@@ -540,12 +801,11 @@ def run_image(task):
         apply_mutations(os.path.join(img, main), task["mutations"])
         shutil.copytree(img, rep)
         out = os.path.join(top, "out.raw")
-        q_before = qemu_probe(img, main, base["fmt"], out)
+        q_before = oracle_probe(img, base, out)
         hashes = hash_dir(img)
-        cmds = {"info": ["info", "--output", "json", main], "map": ["map", "--output", "json", main],
-                "convert": ["convert", "-O", "raw", main, out], "check": ["check", main]}
+        cmds = imgloop_commands(base, out)
         conv = None
-        for name in READ_ONLY:
+        for name in [c for c in cmds if c != "repair"]:
             argv = [imgloop] + cmds[name]
             r = run_limited(argv, img, timeout)
             judge(res, name, argv, r)
@@ -554,19 +814,24 @@ def run_image(task):
                 res["failures"].append({"kind": "readonly_changed", "command": name, "argv": argv,
                                         "changed": sorted(k for k in now if now[k] != hashes.get(k))})
                 hashes = now
-            if name == "convert" and os.path.exists(out):
-                if r["rc"] == 0 and os.path.getsize(out) <= MAX_COMPARE_SIZE:
+            if name in ("convert", "convert-nokey") and os.path.exists(out):
+                if name == "convert" and r["rc"] == 0 and os.path.getsize(out) <= MAX_COMPARE_SIZE:
                     conv = (os.path.getsize(out), sha256_file(out, q_before["raw_size"]))
                 os.unlink(out)
         compare_convert(res, conv, q_before)
         companions = {n: sha256_file(os.path.join(rep, n)) for n in base["ro_companions"]}
-        argv = [imgloop, "check", "-r", "all", main]
+        no_checks = not FORMATS[base["fmt"]].get("checks", True)
+        rep_before = hash_dir(rep) if no_checks else None
+        argv = [imgloop] + cmds["repair"]
         r = run_limited(argv, rep, timeout)
         judge(res, "repair", argv, r)
         if any(sha256_file(os.path.join(rep, n)) != s for n, s in companions.items()):
             res["failures"].append({"kind": "repair_worse", "worse": "backing-file-changed",
                                     "command": "repair", "argv": argv})
-        q_after = qemu_probe(rep, main, base["fmt"], out)
+        if no_checks and hash_dir(rep) != rep_before:   # a format without checks repairs nothing
+            res["failures"].append({"kind": "repair_worse", "worse": "no-checks-but-changed",
+                                    "command": "repair", "argv": argv, "repair_rc": r["rc"]})
+        q_after = oracle_probe(rep, base, out)
         for kind in repair_worse(q_before, q_after):
             res["failures"].append({"kind": "repair_worse", "worse": kind, "command": "repair",
                                     "argv": argv, "qemu_before": q_before, "qemu_after": q_after,
@@ -592,13 +857,14 @@ def keep_case(task, res):
             "mutations": task["mutations"], "failures": res["failures"], "notes": res["notes"]}
     with open(os.path.join(dest, "mutation.json"), "w") as f:
         json.dump(desc, f, indent=1)
-    m, il = task["base"]["main"], task["imgloop"]
+    il = task["imgloop"]
+    cmds = imgloop_commands(task["base"], "/tmp/replay.out.raw")
+    order = [c for c in cmds if "convert" not in c] + [c for c in cmds if "convert" in c]
     with open(os.path.join(dest, "replay.sh"), "w") as f:
+        # cp -a keeps the backing file's mtime, which a COW header records
         f.write(f"#!/bin/sh -x\n# replay {task['id']} on a copy of this dir\nrm -rf /tmp/replay && "
-                f"cp -r \"$(dirname \"$0\")\" /tmp/replay && cd /tmp/replay || exit 1\n"
-                + "".join(f"{il} {c} {m}\n" for c in ("info --output json", "map --output json",
-                                                       "check", "check -r all"))
-                + f"{il} convert -O raw {m} /tmp/replay.out.raw\n")
+                f"cp -a \"$(dirname \"$0\")\" /tmp/replay && cd /tmp/replay || exit 1\n"
+                + "".join(" ".join([il] + [shlex.quote(a) for a in cmds[c]]) + "\n" for c in order))
 
 
 # ---------------------------------------------------------------- campaign
@@ -621,7 +887,7 @@ def make_tasks(args, bases, keep):
 def build_bases(args):
     bases = {}
     for fmt in args.formats:
-        bases[fmt] = FORMATS[fmt]["build"](args.work)
+        bases[fmt] = FORMATS[fmt]["build"](args.work, args.imgloop)
         for b in bases[fmt]:
             info = FORMATS[fmt]["locate"](os.path.join(b["dir"], b["main"]))
             with open(os.path.join(b["dir"], b["main"]), "rb") as f:
@@ -629,14 +895,15 @@ def build_bases(args):
             info["values"] = {o: be(data, o, w) for _, o, w in info["fields"]}
             b["info"] = info
             print(f"base {fmt}/{b['name']}: {info['size']} bytes, regions "
-                  + ", ".join(f"{k}:{len(v)}" for k, v in sorted(info["regions"].items())))
+                  + ", ".join(f"{k}:{len(v)}" for k, v in sorted(info["regions"].items()))
+                  + (f" (made by {b['made_by']})" if "made_by" in b else ""))
     return bases
 
 
 SUMMARY_KEYS = ("images", "commands", "panics", "signals", "hangs", "rss_max_mib", "rss_max_where",
                 "rss_over_256mib", "readonly_changed", "repair_worse", "bad_exit_codes",
-                "harness_errors", "convert_content_differs", "convert_size_differs",
-                "failing_images", "seconds", "seed")
+                "harness_errors", "convert_compared", "convert_content_differs",
+                "convert_size_differs", "failing_images", "seconds", "seed")
 KIND_KEY = {"panic": "panics", "signal": "signals", "hang": "hangs",
             "bad_exit_code": "bad_exit_codes", "harness_error": "harness_errors"}
 
@@ -650,6 +917,7 @@ def summarize(results, secs, args, keep):
         if r["rss_max_kib"] / 1024 > s["rss_max_mib"]:
             s["rss_max_mib"] = round(r["rss_max_kib"] / 1024, 1)
             s["rss_max_where"] = f"{r['id']} {r.get('rss_max_cmd')}"
+        s["convert_compared"] += "convert-compared" in r["notes"]
         s["convert_content_differs"] += "convert-content-differs" in r["notes"]
         s["convert_size_differs"] += "convert-size-differs" in r["notes"]
         s["failing_images"] += bool(r["failures"])
@@ -682,7 +950,7 @@ def print_summary(s):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=200, help="mutated images per format")
-    p.add_argument("--formats", default="raw,qcow2")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (default: all)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per imgloop command")
     p.add_argument("--imgloop", default=os.path.join(HERE, "..", "target", "release", "imgloop"))
@@ -716,6 +984,9 @@ def main(argv=None):
     keep = os.path.abspath(args.keep or f"/var/tmp/imgloop-mutate-kept/seed{args.seed}")
     print(f"mutate: seed {args.seed}, {args.count} images per format, formats {args.formats}, "
           f"timeout {args.timeout}s, jobs {args.jobs}, work {args.work}")
+    if "cow" in args.formats and not (UML_MKCOW and UML_MOO):
+        print("mutate: uml-utilities missing: cow bases made by imgloop create only"
+              if UML_MOO else "mutate: no uml_moo: cow images get no content oracle")
     t0 = time.monotonic()
     try:
         bases = build_bases(args)

@@ -72,30 +72,40 @@ pub fn run(a: Args) -> u8 {
     };
     let start = a.start_offset.unwrap_or(0);
     let len = a.max_length.unwrap_or(u64::MAX);
-    let entries = match img.map_entries(start, len) {
-        Ok(e) => e,
-        Err(e) => return fail(&e),
-    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match a.output {
-        Output::Json => {
-            let lines: Vec<String> = entries.iter().map(json_line).collect();
-            let _ = writeln!(out, "[{}]", lines.join(",\n"));
-        }
-        Output::Human => {
-            let chain = img.chain();
-            let _ = writeln!(
-                out,
-                "{:<16}{:<16}{:<16}File",
-                "Offset", "Length", "Mapped to"
-            );
-            for e in entries.iter().filter(|e| e.data) {
-                if e.compressed || e.encrypted {
-                    // As qemu-img: such data has no place to show.
-                    let _ = out.flush();
-                    eprintln!("imgloop: File contains external, encrypted or compressed clusters.");
-                    return 1;
-                }
+    let chain = img.chain();
+    /// Why the walk stopped early.
+    enum Stop {
+        Failed(imgloop::Error),
+        Transformed,
+    }
+    let mut first = true;
+    let mut stop = None;
+    if a.output == Output::Human {
+        let _ = writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        );
+    } else {
+        let _ = write!(out, "[");
+    }
+    // Extents are printed as the walk finds them, so memory stays
+    // bounded however fragmented the image is.
+    let walked = img.map_each(start, len, |e| {
+        match a.output {
+            Output::Json => {
+                let sep = if first { "" } else { ",\n" };
+                first = false;
+                let _ = write!(out, "{sep}{}", json_line(&e));
+            }
+            Output::Human if !e.data => {}
+            Output::Human if e.compressed || e.encrypted => {
+                // As qemu-img: such data has no place to show.
+                stop = Some(Stop::Transformed);
+                return Err(imgloop::Error::unsupported("transformed data"));
+            }
+            Output::Human => {
                 if let Some(o) = e.offset {
                     let file = e
                         .file
@@ -112,6 +122,25 @@ pub fn run(a: Args) -> u8 {
                 }
             }
         }
+        Ok(())
+    });
+    if let Err(e) = walked {
+        stop.get_or_insert(Stop::Failed(e));
+    }
+    match stop {
+        Some(Stop::Transformed) => {
+            let _ = out.flush();
+            eprintln!("imgloop: File contains external, encrypted or compressed clusters.");
+            return 1;
+        }
+        Some(Stop::Failed(e)) => {
+            let _ = out.flush();
+            return fail(&e);
+        }
+        None => {}
+    }
+    if a.output == Output::Json {
+        let _ = writeln!(out, "]");
     }
     let _ = out.flush();
     0

@@ -54,8 +54,25 @@ impl Image {
     /// The map of `len` bytes from `start` (clamped to the disk), with
     /// neighbouring extents of the same kind merged.
     pub fn map_entries(&self, start: u64, len: u64) -> Result<Vec<MapEntry>> {
+        let mut out = Vec::new();
+        self.map_each(start, len, |e| {
+            out.push(e);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`map_entries`](Image::map_entries), handing each merged extent to
+    /// `each` as soon as it is complete: memory stays bounded however many
+    /// extents a fragmented image has.
+    pub fn map_each(
+        &self,
+        start: u64,
+        len: u64,
+        mut each: impl FnMut(MapEntry) -> Result<()>,
+    ) -> Result<()> {
         let end = self.size().min(start.saturating_add(len));
-        let mut out: Vec<MapEntry> = Vec::new();
+        let mut pending: Option<MapEntry> = None;
         let mut pos = start;
         let chain = self.chain();
         while pos < end {
@@ -79,13 +96,20 @@ impl Image {
                 file,
                 encrypted: s.encrypted,
             };
-            match out.last_mut() {
+            match pending.as_mut() {
                 Some(last) if last.extends(&e) => last.length += e.length,
-                _ => out.push(e),
+                _ => {
+                    if let Some(done) = pending.replace(e) {
+                        each(done)?;
+                    }
+                }
             }
             pos += s.len;
         }
-        Ok(out)
+        match pending {
+            Some(last) => each(last),
+            None => Ok(()),
+        }
     }
 }
 

@@ -100,6 +100,11 @@ impl TableCache {
         })
     }
 
+    /// The smallest cached offset above `offset` (a scan of the cache).
+    pub fn next_offset_after(&self, offset: u64) -> Option<u64> {
+        self.entries.keys().copied().filter(|&k| k > offset).min()
+    }
+
     /// True when `offset` is cached.
     pub fn contains(&self, offset: u64) -> bool {
         self.entries.contains_key(&offset)

@@ -94,12 +94,27 @@ impl Image {
     fn read_mapped(&self, buf: &mut [u8], guest: u64, mapping: Mapping) -> Result<()> {
         match mapping {
             Mapping::Data { storage, offset } => {
-                self.storage(storage)?.read_at(buf, offset).map_err(|e| {
+                let st = self.storage(storage)?;
+                let fail = |e| {
                     self.err(Error::io(
                         format!("reading data at host offset {offset}"),
                         e,
                     ))
-                })
+                };
+                match st.read_at(buf, offset) {
+                    // Past the end of the file the data reads as zeroes, as
+                    // qemu's file protocol reads it (a truncated image).
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        let len = st.len().map_err(fail)?;
+                        let inside = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+                        buf[inside..].fill(0);
+                        if inside == 0 {
+                            return Ok(());
+                        }
+                        st.read_at(&mut buf[..inside], offset).map_err(fail)
+                    }
+                    r => r.map_err(fail),
+                }
             }
             Mapping::Zero => {
                 buf.fill(0);

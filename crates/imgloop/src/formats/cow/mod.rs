@@ -327,7 +327,14 @@ impl Cow {
                 let cache = self.bitmap.read().unwrap_or_else(|e| e.into_inner());
                 match self.run_cached(&cache, sector, max, &fetched) {
                     Ok(r) => return Ok(r),
-                    Err(off) => off,
+                    Err(off) => {
+                        if fetched.is_none() {
+                            if let Some(n) = self.hole_run(&cache, off, sector, max)? {
+                                return Ok((false, n));
+                            }
+                        }
+                        off
+                    }
                 }
             };
             let data = self.read_chunk(miss)?;
@@ -337,6 +344,42 @@ impl Cow {
             }
             fetched = Some((miss, data));
         }
+    }
+
+    /// When the bitmap chunk at `chunk` (not cached) lies in a hole of the
+    /// file (`uml_mkcow` leaves the bitmap sparse) or past its end, the
+    /// sectors from `sector` whose bits are in the hole are all clear: how
+    /// many of them (at most `max`), up to the next cached chunk. So block
+    /// status costs what the bitmap holds, not the virtual size.
+    fn hole_run(
+        &self,
+        cache: &TableCache,
+        chunk: u64,
+        sector: u64,
+        max: u64,
+    ) -> Result<Option<u64>> {
+        let bitmap_end = self.header.bitmap_offset + self.header.bitmap_bytes();
+        let (data, len) = self
+            .file()
+            .extent(chunk, bitmap_end - chunk)
+            .map_err(|e| Error::io("reading the COW bitmap's allocation", e))?;
+        if data {
+            return Ok(None);
+        }
+        // Whole chunks only; a cached chunk (maybe with unflushed bits)
+        // ends the hole.
+        let mut stop = (chunk + len).min(bitmap_end);
+        if stop < bitmap_end {
+            stop = chunk + (stop - chunk) / CHUNK * CHUNK;
+        }
+        if let Some(next) = cache.next_offset_after(chunk) {
+            stop = stop.min(next);
+        }
+        if stop <= chunk {
+            return Ok(None);
+        }
+        let last_sector = (stop - self.header.bitmap_offset).saturating_mul(8);
+        Ok(Some(last_sector.saturating_sub(sector).min(max).max(1)))
     }
 
     /// Sets the bits of sectors `[first, last)`.

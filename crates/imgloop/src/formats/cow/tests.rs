@@ -252,3 +252,36 @@ fn without_its_backing_file_a_partial_write_is_refused_not_filled_with_zeroes() 
     // Whole sectors need nothing from it.
     img.write(&[1u8; 512], 512).unwrap();
 }
+
+#[test]
+fn block_status_of_a_huge_disk_costs_what_its_bitmap_holds() {
+    // A 2^50-byte disk whose bitmap (256 GiB) lies almost all past the
+    // end of a short file: its runs are found without walking it.
+    let (_dir, path, _) = cow_over(1 << 20, None);
+    let mut head = std::fs::read(&path).unwrap()[..4096].to_vec();
+    head[12..20].copy_from_slice(&(1u64 << 50).to_be_bytes());
+    // One stored sector (bit 3); the rest of the file is a hole, as
+    // uml_mkcow leaves it.
+    head.resize(8193, 0);
+    head[8192] = 1 << 3;
+    let huge = path.with_file_name("huge.cow");
+    std::fs::write(&huge, &head).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&huge)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let img = Image::open(&huge, &OpenOptions::read_only(Some("cow"))).unwrap();
+    assert_eq!(img.size(), 1 << 50);
+    let mut calls = 0;
+    let mut pos = 0;
+    while pos < img.size() {
+        let s = img.block_status(pos, img.size() - pos).unwrap();
+        calls += 1;
+        pos += s.len;
+        assert!(calls < 100, "block status walks the virtual size");
+    }
+    let s = img.block_status(3 * 512, 4096).unwrap();
+    assert!(s.allocated && s.len == 512, "{s:?}");
+}

@@ -214,7 +214,14 @@ impl QcowHeader {
                 ),
             ));
         }
-        Checked::of("qcow header", 40).add(w.l1_table_offset, l1_bytes, "L1 table end")?;
+        let l1_end =
+            Checked::of("qcow header", 40).add(w.l1_table_offset, l1_bytes, "L1 table end")?;
+        if l1_end > i64::MAX as u64 {
+            return Err(bad(
+                40,
+                format!("L1 table offset {} is invalid", w.l1_table_offset),
+            ));
+        }
         let backing_file = if w.backing_file_offset != 0 {
             Some(Self::read_backing_name(storage, &w, file_len)?)
         } else {

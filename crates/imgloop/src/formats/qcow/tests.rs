@@ -301,6 +301,11 @@ fn hostile_entries_are_errors_and_never_writes_over_metadata() {
     .unwrap();
     let e: Error = img.read(&mut b, 0).unwrap_err();
     assert!(e.to_string().contains("compressed"), "{e}");
+    // A data cluster past the end of the file reads as zeroes, as in qemu.
+    let img = open(&with_l2_entry(1 << 30), true, None).unwrap();
+    b.fill(1);
+    img.read(&mut b, 0).unwrap();
+    assert_eq!(b, [0u8; 512]);
     // An L1 entry pointing past the end of the file reads as unallocated.
     let mem = new_image(&create(1 << 20, &[]));
     mem.write_at(&(1u64 << 40).to_be_bytes(), 48).unwrap();
