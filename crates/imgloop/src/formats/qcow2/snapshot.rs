@@ -56,6 +56,14 @@ fn be64(b: &[u8], at: usize) -> u64 {
 /// name), so a name that runs past the end is cut at the end. Refused, as
 /// QEMU refuses: extra data over 1024 bytes, a table over 64 MiB.
 pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<SnapshotTable> {
+    // As QEMU: the table must be addressable as a whole.
+    if count > 0 && offset > i64::MAX as u64 - MAX_TABLE_BYTES {
+        return Err(Error::corrupt(
+            "snapshot table",
+            offset,
+            "Snapshot table offset invalid",
+        ));
+    }
     let mut entries = Vec::new();
     let mut pos = offset;
     let file_len = storage
@@ -139,6 +147,20 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<Snap
 mod tests {
     use super::*;
     use crate::storage::{MemStorage, Storage};
+
+    #[test]
+    fn a_table_offset_near_2_to_the_64_is_an_error_not_an_overflow() {
+        // Found by the open_read fuzz target.
+        let mem = MemStorage::from_bytes(&[0u8; 4096]);
+        for off in [u64::MAX - 7, i64::MAX as u64, (i64::MAX as u64) - 100] {
+            let e = read_table(&mem, off, 3).unwrap_err();
+            assert!(e.to_string().contains("offset invalid"), "{e}");
+        }
+        assert!(read_table(&mem, u64::MAX - 7, 0)
+            .unwrap()
+            .entries
+            .is_empty());
+    }
 
     fn entry(id: &str, name: &str, name_len: u16, extra: u32) -> Vec<u8> {
         let mut e = vec![0u8; 40];
