@@ -10,10 +10,13 @@
 #   raw->qcow2, qcow2->raw (the qcow2 source is qemu-img's copy of SRC)
 #   raw->qcow2 -c zlib, raw->qcow2 -c zstd
 #   compare raw raw, compare qcow2 raw
+#   raw->vhdx, vhdx->raw (the vhdx source is qemu-img's copy of SRC),
+#   compare vhdx raw
 #   map, convert -O raw and compare of a 4 TiB qcow2 holding 2 MiB of data
+#   map, convert -O raw of a 256 GiB dynamic vhdx holding 2 MiB of data
 # plus random 4 KiB reads through the library on 1 and 2 threads on a fully
-# allocated 512 MiB qcow2 against the raw file with the same bytes
-# (imgloop only).
+# allocated 512 MiB qcow2 and dynamic vhdx against the raw file with the
+# same bytes (imgloop only).
 #
 # Every convert output is checked with `qemu-img compare` against the source
 # (and `qemu-img check` for qcow2), and the allocated size (`du -k`) of every
@@ -188,8 +191,8 @@ bench_convert() {
     done
     verify "$out_fmt" "$dq"
     verify "$out_fmt" "$di"
-    if [ "$out_fmt" = qcow2 ]; then
-        "$QEMU_IMG" check -q "$di" || die "qemu-img check failed on $di"
+    if [ "$out_fmt" = qcow2 ] || [ "$out_fmt" = vhdx ]; then
+        "$QEMU_IMG" check -q -f "$out_fmt" "$di" || die "qemu-img check failed on $di"
     fi
     RESULTS+=("$name|$best_q|$best_i")
     SIZES+=("qemu-img $name|$(alloc_kib "$dq")")
@@ -248,6 +251,11 @@ bench_convert "raw->qcow2 -c zlib" raw "$SRC" qcow2 "" -c
 bench_convert "raw->qcow2 -c zstd" raw "$SRC" qcow2 "" -c -o compression_type=zstd
 bench_compare "compare raw raw" raw "$SRC" raw "$WORK/dst-qemu-img_raw__raw.raw"
 bench_compare "compare qcow2 raw" qcow2 "$QSRC" raw "$SRC"
+bench_convert "raw->vhdx" raw "$SRC" vhdx ""
+VSRC=$WORK/src.vhdx
+"$QEMU_IMG" convert -f raw -O vhdx "$SRC" "$VSRC"
+bench_convert "vhdx->raw" vhdx "$VSRC" raw ""
+bench_compare "compare vhdx raw" vhdx "$VSRC" raw "$SRC"
 
 # A 4 TiB qcow2 holding 2 MiB of data: walking it must cost what is
 # allocated, not the virtual size.
@@ -263,6 +271,15 @@ bench_same "convert 4T sparse" "$WORK/sparse-out.raw" convert -f qcow2 -O raw "$
 bench_same "compare 4T sparse" "" compare -f qcow2 -F raw "$SPARSE" "$SPARSE_RAW"
 rm -f -- "$SPARSE_RAW" "$WORK/sparse-out.raw"
 
+# A 256 GiB dynamic vhdx holding 2 MiB of data (qemu-img has no block
+# status for vhdx: it reads every block of the virtual disk).
+VSPARSE=$WORK/sparse.vhdx
+"$QEMU_IMG" create -q -f vhdx "$VSPARSE" 256G
+"$QEMU_IO" -f vhdx -c "write -P 0x5a 0 1M" -c "write -P 0x6b 200G 1M" "$VSPARSE" >/dev/null
+bench_same "map 256G sparse vhdx" "" map --output=json -f vhdx "$VSPARSE"
+bench_same "convert 256G sparse vhdx" "$WORK/vsparse-out.raw" convert -f vhdx -O raw "$VSPARSE" "$WORK/vsparse-out.raw"
+rm -f -- "$WORK/vsparse-out.raw"
+
 # Random 4 KiB reads through the library: a fully allocated qcow2 against
 # the raw file holding the same bytes (imgloop only; ratio qcow2/raw time).
 msg "random reads: building the example"
@@ -271,6 +288,7 @@ RANDREAD=$TARGET_DIR/release/examples/randread
 FULL=$WORK/full.raw
 dd if=/dev/urandom of="$FULL" bs=1M count=512 status=none
 "$QEMU_IMG" convert -S 0 -f raw -O qcow2 "$FULL" "$WORK/full.qcow2"
+"$QEMU_IMG" convert -f raw -O vhdx "$FULL" "$WORK/full.vhdx"
 # rr_best IMAGE FORMAT THREADS
 rr_best() {
     local best="" t r
@@ -286,6 +304,9 @@ RR_RAW=$(rr_best "$FULL" raw 1)
 RR_QCOW2=$(rr_best "$WORK/full.qcow2" qcow2 1)
 RR_RAW2=$(rr_best "$FULL" raw 2)
 RR_QCOW22=$(rr_best "$WORK/full.qcow2" qcow2 2)
+"$RANDREAD" "$WORK/full.vhdx" vhdx 100000 1 >/dev/null
+RR_VHDX=$(rr_best "$WORK/full.vhdx" vhdx 1)
+RR_VHDX2=$(rr_best "$WORK/full.vhdx" vhdx 2)
 
 # ---------------------------------------------------------------------------
 # Report
@@ -317,5 +338,8 @@ echo "random 4 KiB reads through the library (400000 reads, 512 MiB fully alloca
 printf '%-22s %12s %12s\n' "" "1 thread s" "2 threads s"
 printf '%-22s %12s %12s\n' "raw file" "$RR_RAW" "$RR_RAW2"
 printf '%-22s %12s %12s\n' "qcow2" "$RR_QCOW2" "$RR_QCOW22"
+printf '%-22s %12s %12s\n' "vhdx (dynamic)" "$RR_VHDX" "$RR_VHDX2"
 awk -v r="$RR_RAW" -v q="$RR_QCOW2" -v r2="$RR_RAW2" -v q2="$RR_QCOW22" \
     'BEGIN { printf "qcow2 speed vs raw: %.0f%% (1 thread), %.0f%% (2 threads)\n", 100 * r / q, 100 * r2 / q2 }'
+awk -v r="$RR_RAW" -v q="$RR_VHDX" -v r2="$RR_RAW2" -v q2="$RR_VHDX2" \
+    'BEGIN { printf "vhdx speed vs raw: %.0f%% (1 thread), %.0f%% (2 threads)\n", 100 * r / q, 100 * r2 / q2 }'

@@ -138,6 +138,17 @@ def create_cow(d, trial, imgloop):
                  made_by="uml_mkcow" if UML_MKCOW else "imgloop")
 
 
+def create_vhdx(opts):
+    """VHDX, dynamic: even trials have qemu-img create the image, odd ones imgloop."""
+    def create(d, trial, imgloop):
+        tool = "qemu-img" if trial % 2 == 0 else imgloop
+        cmd = [tool, "create", "-q", "-f", "vhdx"] + (["-o", opts] if opts else [])
+        must(cmd + ["disk.vhdx", str(DISK_SIZE)], d)
+        return Image("disk.vhdx", "vhdx", imgloop_reads=True,
+                     made_by="qemu-img" if trial % 2 == 0 else "imgloop")
+    return create
+
+
 OPTION_SETS = {
     "raw": create_raw,
     "qcow2-default": create_qcow2(""),
@@ -150,6 +161,8 @@ OPTION_SETS = {
     "qcow-overlay": create_qcow("overlay"),
     "qcow-aes": create_qcow("aes"),
     "cow": create_cow,
+    "vhdx-default": create_vhdx(""),
+    "vhdx-bs1m-notpresent": create_vhdx("block_size=1M,block_state_zero=off"),
 }
 
 
@@ -335,6 +348,8 @@ def verify(t, img_dir, img, model, lazy):
         if rc != 0:
             t["info_err"] = err[-500:]
     else:
+        if img.fmt == "vhdx":
+            fails += replay_log(t, img_dir, img)
         rc, js, _ = run(["qemu-img", "info"] + qopts + ["--output=json", qname], img_dir)
         dirty = rc == 0 and json.loads(js).get("dirty-flag", False)
         q_rc, q_out, _ = run(["qemu-img", "check"] + qopts + ["--output=json", qname], img_dir)
@@ -351,6 +366,36 @@ def verify(t, img_dir, img, model, lazy):
     fails += read_back(t, img_dir, img, model)
     fails += reopen(t, img_dir, img)
     return fails
+
+
+def replay_log(t, img_dir, img):
+    """A kill can leave a VHDX log to replay (a legitimate state: the next read-write open
+    replays it). qemu-img refuses such an image read-only, so: imgloop reads it as it is
+    (replaying in memory, changing nothing), qemu-img check -r all replays it, and the
+    disk must read the same before and after."""
+    iopts, iname = img.args("imgloop")
+    rc, js, _ = run([t["imgloop"], "info", "--output=json"] + iopts + [iname], img_dir)
+    try:
+        pending = rc == 0 and json.loads(js)["format-specific"]["data"]["log"] != "clean"
+    except (ValueError, KeyError, TypeError):
+        pending = False
+    t["log_pending"] = pending
+    if not pending:
+        return []
+    out = os.path.join(img_dir, "..", "before-replay.raw")
+    c_rc, _, c_err = run([t["imgloop"], "convert"] + iopts + ["-O", "raw", iname, out], img_dir)
+    qopts, qname = img.args("qemu")
+    r_rc, _, r_err = run(["qemu-img", "check", "-r", "all"] + qopts + [qname], img_dir)
+    if c_rc != 0 or r_rc not in (0, 3):
+        t["replay_err"] = (c_err + r_err)[-500:]
+        return ["imgloop_read_failure" if c_rc else "corrupt"]
+    after = os.path.join(img_dir, "..", "after-replay.raw")
+    run(["qemu-img", "convert"] + qopts + ["-O", "raw", qname, after], img_dir)
+    same = os.path.exists(after) and file_state(out)[0] == file_state(after)[0]
+    for p in (out, after):
+        if os.path.exists(p):
+            os.unlink(p)
+    return [] if same else ["readers_differ"]
 
 
 def read_back(t, img_dir, img, model):
@@ -508,7 +553,7 @@ def summarize(trials, secs, args):
          "not_writable": 0, "io_failures": 0, "panics": 0, "harness_errors": 0,
          "imgloop_read_failures": 0, "readers_differ": 0, "backing_changed": 0,
          "torn_trials": 0, "torn_sectors": 0, "dirty_after_kill": 0, "leaks_after_kill": 0,
-         "seconds": round(secs, 1), "seed": args.seed, "dir": args.dir, "keep": args.keep,
+         "log_replays_after_kill": 0, "seconds": round(secs, 1), "seed": args.seed, "dir": args.dir, "keep": args.keep,
          "by_option_set": {}}
     key = {"lost_write": "lost_write_trials", "impossible": "impossible_trials",
            "corrupt": "corrupt_images", "imgloop_check_corrupt": "imgloop_check_corrupt",
@@ -526,6 +571,7 @@ def summarize(trials, secs, args):
         s["torn_sectors"] += t.get("torn_sectors", 0)
         s["dirty_after_kill"] += bool(t.get("dirty"))
         s["leaks_after_kill"] += t.get("qemu_check") == 3
+        s["log_replays_after_kill"] += bool(t.get("log_pending"))
         for k in set(t["failures"]):
             s[key[k]] += 1
         b = s["by_option_set"].setdefault(t["option_set"], {"trials": 0, "failing": 0})
@@ -541,7 +587,7 @@ def print_summary(s):
               "corrupt_images", "imgloop_check_corrupt", "not_writable", "io_failures", "panics",
               "harness_errors", "imgloop_read_failures", "readers_differ", "backing_changed",
               "torn_trials", "torn_sectors", "dirty_after_kill",
-              "leaks_after_kill", "seconds", "seed", "dir"):
+              "leaks_after_kill", "log_replays_after_kill", "seconds", "seed", "dir"):
         print(f"  {k:24} {s[k]}")
     for name, b in s["by_option_set"].items():
         print(f"  {name:24} {b['trials']} trials, {b['failing']} failing")

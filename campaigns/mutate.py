@@ -31,6 +31,9 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vhdx_format  # noqa: E402  (campaigns/vhdx_format.py)
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 AS_LIMIT = 4 * GiB            # address-space cap for every imgloop process
@@ -356,15 +359,19 @@ class Found:
 
     def __init__(self, data):
         self.data, self.regions, self.fields, self.offsets = data, {}, [], set()
+        self.order, self.seals = "big", {}   # byte order of fields; checksummed fields
 
     def region(self, name, off, length):
         if 0 <= off < len(self.data) and length > 0:
             self.regions.setdefault(name, []).append((off, min(length, len(self.data) - off)))
             self.offsets.add(off)
 
-    def field(self, name, off, width):
+    def field(self, name, off, width, seal=None):
+        """seal: (start, length) of the checksummed structure holding the field."""
         if off + width <= len(self.data):
             self.fields.append((name, off, width))
+            if seal:
+                self.seals[off] = seal
 
     def entries(self, name, off, count, stride, limit=24):
         """Fields for the non-zero entries of a table (plus the first); returns their values."""
@@ -386,7 +393,8 @@ class Found:
     def result(self, cluster_size):
         self.offsets.update({len(self.data), cluster_size})
         return {"size": len(self.data), "cluster_size": cluster_size, "regions": self.regions,
-                "fields": self.fields, "offsets": sorted(self.offsets)}
+                "fields": self.fields, "offsets": sorted(self.offsets), "order": self.order,
+                "seals": self.seals}
 
 
 def locate_raw(path):
@@ -607,8 +615,12 @@ def mut_field(rng, info):
     name, off, width = rng.choice(pool)
     old = info["values"].get(off, 0)
     v = extreme_value(rng, width, info, old)
-    return {"kind": "field", "target": name,
-            "edits": [{"op": "set", "offset": off, "width": width, "value": v}]}
+    edits = [{"op": "set", "offset": off, "width": width, "value": v,
+              "order": info.get("order", "big")}]
+    if off in info.get("seals", {}) and rng.random() < 0.85:
+        start, length = info["seals"][off]
+        edits.append({"op": "seal", "start": start, "length": length})
+    return {"kind": "field", "target": name, "edits": edits}
 
 
 def mut_truncate(rng, info):
@@ -633,6 +645,11 @@ FORMATS = {
     "cow": {"build": build_cow_bases, "locate": locate_cow, "checks": False,
             "oracle": lambda d, base, out: moo_probe(d, base, out),
             "weights": {"bitflip": 40, "field": 45, "truncate": 15}},
+    "vhdx": {"build": lambda scratch, imgloop: vhdx_format.build_vhdx_bases(
+                 scratch, imgloop, new_base, qemu, qemu_io_writes, imgloop_io_writes,
+                 default_writes),
+             "locate": lambda path: vhdx_format.locate_vhdx(path, Found),
+             "weights": {"bitflip": 35, "field": 50, "truncate": 15}},
 }
 
 
@@ -660,7 +677,13 @@ def apply_mutations(path, muts):
                     f.write(bytes([b]))
                 elif e["op"] == "set" and e["offset"] + e["width"] <= size:
                     f.seek(e["offset"])
-                    f.write(e["value"].to_bytes(e["width"], "big"))
+                    f.write(e["value"].to_bytes(e["width"], e.get("order", "big")))
+                elif e["op"] == "seal" and e["start"] + e["length"] <= size:
+                    f.seek(e["start"])
+                    buf = bytearray(f.read(e["length"]))
+                    vhdx_format.seal(buf, 0, len(buf))
+                    f.seek(e["start"])
+                    f.write(buf)
 
 
 # ---------------------------------------------------------------- one image
@@ -892,7 +915,8 @@ def build_bases(args):
             info = FORMATS[fmt]["locate"](os.path.join(b["dir"], b["main"]))
             with open(os.path.join(b["dir"], b["main"]), "rb") as f:
                 data = f.read()
-            info["values"] = {o: be(data, o, w) for _, o, w in info["fields"]}
+            info["values"] = {o: int.from_bytes(data[o:o + w], info["order"])
+                              for _, o, w in info["fields"]}
             b["info"] = info
             print(f"base {fmt}/{b['name']}: {info['size']} bytes, regions "
                   + ", ".join(f"{k}:{len(v)}" for k, v in sorted(info["regions"].items()))

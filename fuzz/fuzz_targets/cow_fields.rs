@@ -36,14 +36,68 @@ struct Layout {
 }
 
 const LAYOUTS: &[Layout] = &[
-    Layout { order: Order::Little, version: 1, header: 280, path: 8, mtime: 264, size: 268, sector: 276, more: &[] },
-    Layout { order: Order::Big, version: 1, header: 280, path: 8, mtime: 264, size: 268, sector: 276, more: &[] },
-    Layout { order: Order::Big, version: 2, header: 4120, path: 8, mtime: 4104, size: 4108, sector: 4116, more: &[] },
-    Layout { order: Order::Big, version: 2, header: 1056, path: 8, mtime: 1032, size: 1040, sector: 1048, more: &[] },
+    Layout {
+        order: Order::Little,
+        version: 1,
+        header: 280,
+        path: 8,
+        mtime: 264,
+        size: 268,
+        sector: 276,
+        more: &[],
+    },
+    Layout {
+        order: Order::Big,
+        version: 1,
+        header: 280,
+        path: 8,
+        mtime: 264,
+        size: 268,
+        sector: 276,
+        more: &[],
+    },
+    Layout {
+        order: Order::Big,
+        version: 2,
+        header: 4120,
+        path: 8,
+        mtime: 4104,
+        size: 4108,
+        sector: 4116,
+        more: &[],
+    },
+    Layout {
+        order: Order::Big,
+        version: 2,
+        header: 1056,
+        path: 8,
+        mtime: 1032,
+        size: 1040,
+        sector: 1048,
+        more: &[],
+    },
     // v3: alignment at 24, format at 28.
-    Layout { order: Order::Big, version: 3, header: 4128, path: 32, mtime: 8, size: 12, sector: 20, more: &[(24, 4), (28, 4)] },
+    Layout {
+        order: Order::Big,
+        version: 3,
+        header: 4128,
+        path: 32,
+        mtime: 8,
+        size: 12,
+        sector: 20,
+        more: &[(24, 4), (28, 4)],
+    },
     // v3 with the 64-bit padding: everything after mtime 4 bytes later.
-    Layout { order: Order::Big, version: 3, header: 4136, path: 36, mtime: 8, size: 16, sector: 24, more: &[(28, 4), (32, 4), (12, 4)] },
+    Layout {
+        order: Order::Big,
+        version: 3,
+        header: 4136,
+        path: 36,
+        mtime: 8,
+        size: 16,
+        sector: 24,
+        more: &[(28, 4), (32, 4), (12, 4)],
+    },
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -64,7 +118,11 @@ fuzz_target!(|data: &[u8]| {
     if v3 {
         put(&mut bytes, layout.sector + 4, 4, 512, layout.order);
     }
-    let bitmap_at = if v3 { layout.header.next_multiple_of(512) } else { layout.header };
+    let bitmap_at = if v3 {
+        layout.header.next_multiple_of(512)
+    } else {
+        layout.header
+    };
     let bitmap_len = sectors.div_ceil(8) as usize;
     let data_at = (bitmap_at + bitmap_len).next_multiple_of(512);
     bytes.resize(data_at + size as usize, 0);
@@ -76,7 +134,12 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Typed mutations of the header fields.
-    let mut fields: Vec<(u64, u8)> = vec![(4, 4), (layout.mtime, 4), (layout.size, 8), (layout.sector, 4)];
+    let mut fields: Vec<(u64, u8)> = vec![
+        (4, 4),
+        (layout.mtime, 4),
+        (layout.size, 8),
+        (layout.sector, 4),
+    ];
     fields.extend_from_slice(layout.more);
     for _ in 0..1 + input.byte() % 3 {
         let f = fields[input.byte() as usize % fields.len()];
@@ -93,9 +156,14 @@ fuzz_target!(|data: &[u8]| {
         for (i, x) in b.iter_mut().enumerate() {
             *x = (i * 7 + 3) as u8;
         }
-        Image::open_storage(Arc::new(MemStorage::from_bytes(&b)), Some("raw"), true, None)
-            .map(Arc::new)
-            .ok()
+        Image::open_storage(
+            Arc::new(MemStorage::from_bytes(&b)),
+            Some("raw"),
+            true,
+            None,
+        )
+        .map(Arc::new)
+        .ok()
     };
 
     // Read-only: walk, read; nothing may change.

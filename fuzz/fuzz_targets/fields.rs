@@ -92,6 +92,10 @@ pub fn mutate(input: &mut Input, bytes: &mut [u8], field: (u64, u8), unit: u64, 
     let (at, width) = field;
     let old = get(bytes, at, width, order);
     let v = extreme(input, unit, bytes.len() as u64, old);
-    let v = if width == 8 { v } else { v & ((1u64 << (8 * width as u32)) - 1) };
+    let v = if width == 8 {
+        v
+    } else {
+        v & ((1u64 << (8 * width as u32)) - 1)
+    };
     put(bytes, at, width, v, order);
 }

@@ -466,6 +466,49 @@ fn partscan_shows_the_partitions_of_a_gpt_image() {
 }
 
 #[test]
+fn a_4k_sector_vhdx_attaches_with_4k_logical_blocks() {
+    let env = env_or_skip!();
+    let img = env.path("4k.vhdx");
+    env.il(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "logical_sector_size=4096,block_size=1M",
+        s(&img),
+        "16M",
+    ])
+    .ok();
+    let dev = env.attach(&[s(&img)]);
+    assert_eq!(
+        sysfs(&dev, "queue/logical_block_size").as_deref(),
+        Some("4096")
+    );
+    let data = noise(11, 64 << 10);
+    std::fs::write(env.path("in.bin"), &data).unwrap();
+    tool(
+        "dd",
+        &[
+            &format!("if={}", s(&env.path("in.bin"))),
+            &format!("of={dev}"),
+            "bs=64k",
+            "seek=3",
+            "conv=fsync",
+            "status=none",
+        ],
+    );
+    env.il(&["detach", &dev]).ok();
+    let out = env.path("out.raw");
+    env.il(&["convert", "-O", "raw", s(&img), s(&out)]).ok();
+    let raw = std::fs::read(&out).unwrap();
+    assert!(
+        raw[3 << 16..4 << 16] == data[..],
+        "the data written through the device"
+    );
+}
+
+#[test]
 fn sector_size_and_direct_io_reach_the_device() {
     let env = env_or_skip!();
     let img = env.path("ss.raw");

@@ -6,21 +6,23 @@ use crate::formats::cow::CowFormat;
 use crate::formats::qcow::QcowFormat;
 use crate::formats::qcow2::Qcow2Format;
 use crate::formats::raw::RawFormat;
+use crate::formats::vhdx::VhdxFormat;
 use std::path::Path;
 
 static RAW: RawFormat = RawFormat;
 static QCOW2: Qcow2Format = Qcow2Format;
 static COW: CowFormat = CowFormat;
 static QCOW: QcowFormat = QcowFormat;
+static VHDX: VhdxFormat = VhdxFormat;
 
 /// Every format driver imgloop has, in probing order.
 pub fn formats() -> &'static [&'static dyn Format] {
-    static ALL: [&dyn Format; 4] = [&QCOW2, &QCOW, &COW, &RAW];
+    static ALL: [&dyn Format; 5] = [&QCOW2, &QCOW, &VHDX, &COW, &RAW];
     &ALL
 }
 
 /// Format names the project plans to support but that have no driver yet.
-const PLANNED: &[&str] = &["vhdx", "parallels", "vpc", "vmdk", "vdi"];
+const PLANNED: &[&str] = &["parallels", "vpc", "vmdk", "vdi"];
 
 /// The format called `name` (as qemu-img spells it).
 pub fn find(name: &str) -> Result<&'static dyn Format> {

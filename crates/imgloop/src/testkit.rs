@@ -118,7 +118,7 @@ pub fn run_model_test_with(
     seed: u64,
     ops: usize,
 ) -> Result<()> {
-    model_test(format, create, driver_options, None, seed, ops)
+    model_test(format, create, driver_options, None, "raw", seed, ops)
 }
 
 /// [`run_model_test`] on an image created over a raw backing file with
@@ -130,7 +130,43 @@ pub fn run_model_test_over(
     seed: u64,
     ops: usize,
 ) -> Result<()> {
-    model_test(format, create, &[], Some(backing), seed, ops)
+    model_test(format, create, &[], Some(backing), "raw", seed, ops)
+}
+
+/// [`run_model_test_over`] with a backing file of `backing_format` (a
+/// VHDX differencing image needs a VHDX parent).
+pub fn run_model_test_over_format(
+    format: &str,
+    create: &CreateOptions,
+    backing: &[u8],
+    backing_format: &str,
+    seed: u64,
+    ops: usize,
+) -> Result<()> {
+    model_test(
+        format,
+        create,
+        &[],
+        Some(backing),
+        backing_format,
+        seed,
+        ops,
+    )
+}
+
+/// Makes a backing file of `format` at `path` holding `content`.
+fn write_backing(path: &std::path::Path, content: &[u8], format: &str) -> Result<()> {
+    if format == "raw" {
+        return std::fs::write(path, content).map_err(|e| Error::io("writing the backing file", e));
+    }
+    let create = CreateOptions {
+        size: content.len() as u64,
+        ..Default::default()
+    };
+    crate::image::create(path, format, &create)?;
+    let img = Image::open(path, &crate::OpenOptions::read_write(Some(format)))?;
+    img.write(content, 0)?;
+    img.close()
 }
 
 /// A new image for a test, in memory: its bytes, the bytes of the data
@@ -147,17 +183,11 @@ struct Made {
 fn make_image(
     format: &str,
     create: &CreateOptions,
-    backing: Option<&[u8]>,
+    backing: Option<(&[u8], &str)>,
     seed: u64,
 ) -> Result<Made> {
     let fmt = registry::find(format)?;
     let data_file = create.options.get("data_file");
-    let backing_image = backing
-        .map(|b| {
-            Image::open_storage(Arc::new(MemStorage::from_bytes(b)), Some("raw"), true, None)
-                .map(Arc::new)
-        })
-        .transpose()?;
     if data_file.is_none() && backing.is_none() {
         let mem = MemStorage::new();
         fmt.create(Arc::new(mem.clone()), None, create)?;
@@ -167,19 +197,31 @@ fn make_image(
             backing: None,
         });
     }
+    // Unique per call: tests run in parallel threads of one process, often
+    // with the same seed.
+    static NEXT_DIR: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "imgloop-testkit-{}-{seed}-{:x}",
+        "imgloop-testkit-{}-{seed}-{}",
         std::process::id(),
-        Rng::new(seed).next_u64()
+        NEXT_DIR.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating a scratch directory", e))?;
     let made = (|| {
         let mut create = create.clone();
-        if let Some(b) = backing {
-            std::fs::write(dir.join("backing"), b)
-                .map_err(|e| Error::io("writing the backing file", e))?;
+        let mut backing_image = None;
+        if let Some((content, bfmt)) = backing {
+            let bpath = dir.join("backing");
+            write_backing(&bpath, content, bfmt)?;
+            let bytes =
+                std::fs::read(&bpath).map_err(|e| Error::io("reading the backing file", e))?;
+            backing_image = Some(Arc::new(Image::open_storage(
+                Arc::new(MemStorage::from_bytes(&bytes)),
+                Some(bfmt),
+                true,
+                None,
+            )?));
             create.backing_file = Some("backing".into());
-            create.backing_format = Some("raw".into());
+            create.backing_format = Some(bfmt.into());
         }
         let path = dir.join("image");
         crate::image::create(&path, format, &create)?;
@@ -205,10 +247,11 @@ fn model_test(
     create: &CreateOptions,
     driver_options: &[(&str, &str)],
     backing: Option<&[u8]>,
+    backing_format: &str,
     seed: u64,
     ops: usize,
 ) -> Result<()> {
-    let made = make_image(format, create, backing, seed)?;
+    let made = make_image(format, create, backing.map(|b| (b, backing_format)), seed)?;
     if !made.companions.is_empty() {
         return Err(Error::invalid_argument(
             "the model test does not run images with data files (the power-cut test does)",
@@ -423,9 +466,15 @@ pub struct PowerCut {
     pub ops: usize,
     /// Crash states to explore at each crash point.
     pub states: u64,
-    /// Content of a raw backing file to create the image over, if any
-    /// (the disk starts as it).
+    /// Content of a backing file to create the image over, if any (the
+    /// disk starts as it).
     pub backing: Option<Vec<u8>>,
+    /// The backing file's format ("raw" unless the format needs its own,
+    /// as VHDX differencing images do).
+    pub backing_format: &'static str,
+    /// Explore every prefix of the write stream since the last sync at
+    /// each crash point, instead of `states` sampled states.
+    pub prefixes: bool,
 }
 
 /// Runs random writes, zero writes, discards and syncs on an image whose
@@ -438,7 +487,12 @@ pub struct PowerCut {
 /// `kill -9` leaves.
 pub fn run_power_cut_test(t: &PowerCut, seed: u64) -> Result<()> {
     use crate::storage::{CrashStorage, Storage};
-    let made = make_image(t.format, &t.create, t.backing.as_deref(), seed)?;
+    let made = make_image(
+        t.format,
+        &t.create,
+        t.backing.as_deref().map(|b| (b, t.backing_format)),
+        seed,
+    )?;
     let image = CrashStorage::from_bytes(&made.image);
     let companions: Vec<(String, CrashStorage)> = made
         .companions
@@ -513,9 +567,20 @@ pub fn run_power_cut_test(t: &PowerCut, seed: u64) -> Result<()> {
         if rng.below(4) != 0 && log.last().is_none_or(|l| l != "sync") {
             continue;
         }
-        for k in 0..t.states {
-            let state_seed = rng.next_u64() ^ k;
-            let cut_image = image.crash_sample(state_seed);
+        let cuts: Vec<(u64, MemStorage)> = if t.prefixes {
+            (0..=image.pending())
+                .map(|n| (n as u64, image.crash_prefix(n)))
+                .collect()
+        } else {
+            (0..t.states)
+                .map(|k| {
+                    let state_seed = rng.next_u64() ^ k;
+                    (state_seed, image.crash_sample(state_seed))
+                })
+                .collect()
+        };
+        for (state_seed, cut_image) in cuts {
+            let cut_bytes = cut_image.to_vec();
             let cut: Vec<(String, Arc<dyn Storage>)> = companions
                 .iter()
                 .map(|(n, s)| {
@@ -533,7 +598,42 @@ pub fn run_power_cut_test(t: &PowerCut, seed: u64) -> Result<()> {
             )
             .map_err(|e| fail(&log, format!("state {state_seed:#x} does not open: {e}")))?;
             match after.check(None) {
-                Ok(r) if r.corruptions > 0 || r.check_errors > 0 => {
+                // A journal that needs replay (VHDX) shows as a corruption
+                // of the read-only open: after the replay a read-write
+                // open does, the image must be clean and read the same.
+                Ok(r) if r.corruptions > 0 && r.check_errors == 0 => {
+                    let copy = MemStorage::from_bytes(&cut_bytes);
+                    let rw = Image::open_storage_with(
+                        Arc::new(copy),
+                        Some(t.format),
+                        &dopts(false, &cut),
+                        made.backing.clone(),
+                    )
+                    .map_err(|e| {
+                        fail(
+                            &log,
+                            format!("state {state_seed:#x} does not open read-write: {e}"),
+                        )
+                    })?;
+                    let again = rw.check(None)?;
+                    if again.corruptions > 0 || again.check_errors > 0 {
+                        return Err(fail(
+                            &log,
+                            format!("state {state_seed:#x} is corrupt: {:?}", r.messages),
+                        ));
+                    }
+                    let mut got = vec![0u8; size as usize];
+                    rw.read(&mut got, 0)?;
+                    if let Some(sector) = model.mismatch(&got) {
+                        return Err(fail(
+                            &log,
+                            format!(
+                                "state {state_seed:#x}: after replay, sector {sector} reads wrong"
+                            ),
+                        ));
+                    }
+                }
+                Ok(r) if r.check_errors > 0 => {
                     return Err(fail(
                         &log,
                         format!("state {state_seed:#x} is corrupt: {:?}", r.messages),
@@ -717,6 +817,8 @@ mod power_cut_tests {
             ops: 120,
             states: 4,
             backing: None,
+            backing_format: "raw",
+            prefixes: false,
         }
     }
 

@@ -73,6 +73,31 @@ pub struct DriverInfo {
 pub enum FormatSpecific {
     /// qcow2 details.
     Qcow2(Qcow2Specific),
+    /// VHDX details (qemu-img shows none; these are imgloop's).
+    Vhdx(VhdxSpecific),
+}
+
+/// What `info` reports of a VHDX image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VhdxSpecific {
+    /// "dynamic", "fixed" or "differencing".
+    pub subformat: String,
+    /// Bytes per payload block.
+    pub block_size: u64,
+    /// Logical sector size.
+    pub logical_sector_size: u32,
+    /// Physical sector size.
+    pub physical_sector_size: u32,
+    /// The image has a parent.
+    pub has_parent: bool,
+    /// "clean", "replayed" (at this read-write open) or "replayed in
+    /// memory" (a read-only open of an image whose log needs replay).
+    pub log: String,
+    /// The data-write GUID (what children name their parent by).
+    pub data_write_guid: String,
+    /// The virtual disk ID (SCSI page 83).
+    pub disk_id: String,
 }
 
 /// What `info` reports of a qcow2 image.

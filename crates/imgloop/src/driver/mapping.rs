@@ -194,6 +194,10 @@ pub struct Allocation {
     pub offset: u64,
     /// The parts of the range outside the request, in guest order.
     pub fills: Vec<Fill>,
+    /// The new place reads as zeroes already (fresh space at the end of
+    /// the file): fills of zeroes need not be written, so a small write
+    /// into a large new block writes only its own bytes.
+    pub zeroed: bool,
     /// What to publish after the data is written.
     pub commit: Commit,
 }

@@ -25,6 +25,7 @@ mod mapping;
 pub use facts::{
     BackingRef, BitmapSpecific, CheckReport, CreateOptions, DriverInfo, DriverOpenOptions,
     FormatSpecific, OptionSpec, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
+    VhdxSpecific,
 };
 pub use mapping::{
     Allocation, BlockStatus, Commit, DiscardAction, DiscardMapping, Fill, Mapping, StorageId,
@@ -235,6 +236,12 @@ pub trait Driver: Send + Sync {
     /// The backing file named in the image, if any.
     fn backing(&self) -> Option<BackingRef> {
         None
+    }
+
+    /// Checks the backing image the generic layer opened for this image
+    /// (e.g. a VHDX parent's data-write GUID against the child's linkage).
+    fn check_backing(&self, _backing: &crate::Image) -> Result<()> {
+        Ok(())
     }
 
     /// Problems found at open that do not stop reads (e.g. a backing file

@@ -8,3 +8,4 @@ pub mod qcow;
 pub mod qcow2;
 pub mod raw;
 pub mod table_cache;
+pub mod vhdx;

@@ -341,6 +341,19 @@ impl Image {
         if a.fills.is_empty() && a.guest == pos && a.len as usize == n {
             return storage.write_at(&data[..n], a.offset).map_err(io);
         }
+        // Fresh space already reads as zeroes: only the request's bytes
+        // need writing when every fill is zeroes.
+        let zero_fill = |f: &crate::driver::Fill| {
+            f.from == Mapping::Zero
+                || (f.from == Mapping::Unallocated
+                    && self.backing.is_none()
+                    && self.backing_ref.is_none())
+        };
+        if a.zeroed && a.fills.iter().all(zero_fill) {
+            return storage
+                .write_at(&data[..n], a.offset + (pos - a.guest))
+                .map_err(io);
+        }
         // Copying from a backing file the open policy left closed would
         // write zeroes where the guest sees backing data.
         if self.backing.is_none()

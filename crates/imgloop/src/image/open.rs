@@ -143,9 +143,9 @@ impl Image {
         if let Some(b) = &backing_ref {
             let full = FilePolicy::resolve(Some(path), &b.filename);
             if opts.policy.backing_files {
-                backing = Some(Arc::new(Self::open_backing(
-                    path, &full, b, opts, depth, seen,
-                )?));
+                let parent = Self::open_backing(path, &full, b, opts, depth, seen)?;
+                driver.check_backing(&parent).map_err(|e| e.in_file(path))?;
+                backing = Some(Arc::new(parent));
             }
             full_backing = Some(full);
         }

@@ -128,6 +128,24 @@ impl CrashStorage {
         out
     }
 
+    /// Changes made since the last sync.
+    pub fn pending(&self) -> usize {
+        self.log().changes.len()
+    }
+
+    /// The state a power cut leaves when exactly the first `n` changes
+    /// since the last sync reached the disk, in the order they were made:
+    /// the write stream cut at one point (no reordering, no tearing).
+    pub fn crash_prefix(&self, n: usize) -> MemStorage {
+        let log = self.log();
+        let out = MemStorage::from_bytes(&self.durable.to_vec());
+        for c in log.changes.iter().take(n) {
+            // In memory: errors cannot happen below the storage's limit.
+            let _ = apply_change(&out, c);
+        }
+        out
+    }
+
     /// How many syncs reached this storage.
     pub fn syncs(&self) -> u64 {
         self.log().syncs
@@ -140,6 +158,16 @@ impl CrashStorage {
 
     fn record(&self, change: Change) {
         self.log().changes.push(change);
+    }
+}
+
+fn apply_change(to: &MemStorage, c: &Change) -> io::Result<()> {
+    match c {
+        Change::Write(off, data) => to.write_at(data, *off),
+        Change::SetLen(len) => to.set_len(*len),
+        Change::Zero(off, len, unmap) => to.zero_range(*off, *len, *unmap),
+        Change::Punch(off, len) => to.punch_hole(*off, *len),
+        Change::Allocate(off, len) => to.allocate(*off, *len),
     }
 }
 
@@ -168,13 +196,7 @@ impl Storage for CrashStorage {
     fn sync(&self) -> io::Result<()> {
         let mut log = self.log();
         for c in std::mem::take(&mut log.changes) {
-            match c {
-                Change::Write(off, data) => self.durable.write_at(&data, off)?,
-                Change::SetLen(len) => self.durable.set_len(len)?,
-                Change::Zero(off, len, unmap) => self.durable.zero_range(off, len, unmap)?,
-                Change::Punch(off, len) => self.durable.punch_hole(off, len)?,
-                Change::Allocate(off, len) => self.durable.allocate(off, len)?,
-            }
+            apply_change(&self.durable, &c)?;
         }
         log.syncs += 1;
         Ok(())

@@ -8,10 +8,12 @@
 mod crash;
 mod file;
 mod mem;
+mod overlay;
 
 pub use crash::CrashStorage;
 pub use file::{copy_file_range_all, FileStorage};
 pub use mem::MemStorage;
+pub use overlay::OverlayStorage;
 
 use std::fmt::Debug;
 use std::fs::File;

@@ -570,6 +570,7 @@ impl Driver for Cow {
             storage: StorageId::IMAGE,
             offset: self.data_at(guest),
             fills,
+            zeroed: false,
             commit: Commit::new(Publish {
                 first: sector,
                 last: sector + n,

@@ -236,6 +236,8 @@ fn synced_writes_survive_power_cuts_and_the_bitmap_never_runs_ahead_of_data() {
         ops: 100,
         states: 4,
         backing: Some(backing_bytes(512 * 1024, 5)),
+        backing_format: "raw",
+        prefixes: false,
     };
     for seed in 0..4 {
         run_power_cut_test(&t, seed).unwrap();

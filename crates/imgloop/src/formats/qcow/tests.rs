@@ -253,6 +253,8 @@ fn synced_writes_survive_power_cuts() {
             ops: 100,
             states: 4,
             backing,
+            backing_format: "raw",
+            prefixes: false,
         };
         for seed in 0..3 {
             run_power_cut_test(&t, seed).unwrap();

@@ -219,6 +219,7 @@ impl Qcow {
             storage: StorageId::IMAGE,
             offset: host,
             fills,
+            zeroed: true,
             commit: Commit::new(Publish {
                 guest: cluster,
                 raw: host,

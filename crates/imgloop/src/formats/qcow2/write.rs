@@ -281,6 +281,7 @@ impl Qcow2 {
             storage: self.data_id(),
             offset: host + from,
             fills,
+            zeroed: false,
             commit: Commit::new(Publish::Data(DataUpdate {
                 guest: base,
                 host,
