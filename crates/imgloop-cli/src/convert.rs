@@ -468,7 +468,18 @@ impl Copier<'_> {
         if self.target_zero && self.sparse > 0 {
             return Ok(());
         }
-        // -S 0 asks for a fully allocated target: keep the zeroes allocated.
+        // -S 0 asks for a fully allocated target, as qemu-img gives it: the
+        // zeroes are written as data.
+        if self.sparse == 0 {
+            let chunk = vec![0u8; len.min(1 << 20) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(chunk.len() as u64);
+                self.dst.write(&chunk[..n as usize], offset + done)?;
+                done += n;
+            }
+            return Ok(());
+        }
         self.dst.write_zeroes(offset, len, self.sparse > 0)
     }
 

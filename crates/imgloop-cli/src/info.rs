@@ -65,7 +65,8 @@ fn json_info(img: &Image) -> JsonInfo {
     let storage = img.file_storage();
     let file = FileNode {
         children: Vec::new(),
-        virtual_size: storage.len().unwrap_or(0),
+        // qemu's block layer counts a file in whole 512-byte sectors.
+        virtual_size: storage.len().unwrap_or(0).div_ceil(512) * 512,
         filename: info.filename.clone(),
         format: "file",
         actual_size: storage.allocated_size().ok().flatten(),

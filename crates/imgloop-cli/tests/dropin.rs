@@ -190,3 +190,84 @@ fn create_u_skips_the_backing_file_and_info_shows_an_image_whose_backing_is_miss
     assert_eq!(imgloop(&["map", s(&sc.path("q.qcow2"))]).code, 1);
     assert_eq!(qemu_img(&["map", s(&sc.path("i.qcow2"))]).code, 1);
 }
+
+#[test]
+fn convert_s0_allocates_the_whole_target_as_qemu_img_does() {
+    let sc = Scratch::new();
+    let src = sc.path("src.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&src), "16M"]).ok();
+    qemu_io("raw", &src, &["write -P 1 0 1M"]).ok();
+    for fmt in ["qcow2", "vhdx", "raw"] {
+        let (q, i) = (sc.path(&format!("q.{fmt}")), sc.path(&format!("i.{fmt}")));
+        qemu_img(&["convert", "-S", "0", "-O", fmt, s(&src), s(&q)]).ok();
+        imgloop(&["convert", "-S", "0", "-O", fmt, s(&src), s(&i)]).ok();
+        assert!(
+            allocated(&i) >= 16 << 20,
+            "{fmt}: {} bytes allocated (qemu-img: {})",
+            allocated(&i),
+            allocated(&q)
+        );
+        // The map shows data everywhere, as qemu-img's does.
+        let map = imgloop(&["map", "--output=json", s(&i)]).ok().json();
+        for e in map.as_array().unwrap() {
+            assert_eq!(e["data"], true, "{fmt}: {e}");
+        }
+        qemu_img(&["compare", "-F", "raw", s(&i), s(&src)]).ok();
+    }
+    // Without -S 0 the holes stay holes.
+    let sparse = sc.path("sparse.qcow2");
+    imgloop(&["convert", "-O", "qcow2", s(&src), s(&sparse)]).ok();
+    assert!(allocated(&sparse) < 4 << 20);
+}
+
+#[test]
+fn create_takes_the_file_options_nocow_and_extent_size_hint_as_qemu_img_does() {
+    let sc = Scratch::new();
+    for fmt in ["raw", "qcow2", "vhdx"] {
+        let img = sc.path(&format!("n.{fmt}"));
+        let opts = "nocow=on,extent_size_hint=1M";
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-o",
+            opts,
+            s(&sc.path("q")),
+            "1M",
+        ])
+        .ok();
+        imgloop(&["create", "-q", "-f", fmt, "-o", opts, s(&img), "1M"]).ok();
+        let info = qemu_img(&["info", "--output=json", "-f", fmt, s(&img)])
+            .ok()
+            .json();
+        assert_eq!(info["virtual-size"], 1 << 20, "{fmt}");
+    }
+    // Bad values fail as other options do.
+    let r = imgloop(&[
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "nocow=maybe",
+        s(&sc.path("x")),
+        "1M",
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(!sc.path("x").exists());
+}
+
+#[test]
+fn info_json_counts_the_file_node_in_whole_sectors_as_qemu_img_does() {
+    let sc = Scratch::new();
+    let img = sc.path("odd.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    // A file length that is not a multiple of 512.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(197_121).unwrap();
+    let q = qemu_img(&["info", "--output=json", s(&img)]).ok().json();
+    let i = imgloop(&["info", "--output=json", s(&img)]).ok().json();
+    let child = |v: &serde_json::Value| v["children"][0]["info"]["virtual-size"].clone();
+    assert_eq!(child(&i), child(&q));
+    assert_eq!(child(&i), 197_632);
+}

@@ -246,6 +246,21 @@ fn pick_format(
 /// the backing image. A half-made file is removed on failure.
 pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
     let fmt = registry::find(format).map_err(|e| e.in_file(path))?;
+    // Options of the file itself, which qemu-img takes for every format:
+    // `nocow` (no copy-on-write on btrfs) and `extent_size_hint` (XFS);
+    // both best effort, as in qemu.
+    let mut file_opts = opts.clone();
+    let nocow = file_opts.get_bool("nocow").map_err(|e| e.in_file(path))?;
+    if file_opts
+        .get_size("extent_size_hint")
+        .map_err(|e| e.in_file(path))?
+        .is_some_and(|h| h > u32::MAX as u64)
+    {
+        return Err(Error::invalid_argument("extent_size_hint must be below 4 GiB").in_file(path));
+    }
+    file_opts.options.remove("nocow");
+    file_opts.options.remove("extent_size_hint");
+    let opts = &file_opts;
     opts.check_known(fmt).map_err(|e| e.in_file(path))?;
     if opts.size > crate::size::MAX_IMAGE_SIZE {
         return Err(Error::invalid_argument(format!(
@@ -318,6 +333,11 @@ pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
         FileStorage::create(path).map_err(|e| Error::io("could not create", e).in_file(path))?,
     );
     let _lock = ImageLock::acquire(path, LockMode::Exclusive)?;
+    if nocow {
+        if let Some(f) = storage.as_file() {
+            set_nocow(&f);
+        }
+    }
     let result = fmt
         .create(storage.clone(), Some(path), &opts)
         .and_then(|_| storage.sync().map_err(|e| Error::io("syncing", e)));
@@ -367,4 +387,23 @@ impl Image {
         }
         out
     }
+}
+
+/// Sets the no-copy-on-write attribute (`chattr +C`) on a new, empty file.
+/// Filesystems without it (ext4, tmpfs) refuse; that is ignored, as
+/// qemu-img ignores it.
+fn set_nocow(file: &std::fs::File) {
+    use std::os::unix::io::AsRawFd;
+    const FS_NOCOW_FL: libc::c_long = 0x0080_0000;
+    let fd = file.as_raw_fd();
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long through the pointer, which
+    // points at a live local; the fd is open for the call's duration.
+    if unsafe { libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+        return;
+    }
+    flags |= FS_NOCOW_FL;
+    // SAFETY: FS_IOC_SETFLAGS reads one long through the pointer, a live
+    // local; the result is only advisory.
+    let _ = unsafe { libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags) };
 }
