@@ -12,6 +12,7 @@
 #   compare raw raw, compare qcow2 raw
 #   raw->vhdx, vhdx->raw (the vhdx source is qemu-img's copy of SRC),
 #   compare vhdx raw
+#   raw->parallels, parallels->raw (the source: qemu-img's copy of SRC)
 #   map, convert -O raw and compare of a 4 TiB qcow2 holding 2 MiB of data
 #   map, convert -O raw of a 256 GiB dynamic vhdx holding 2 MiB of data
 # plus random 4 KiB reads through the library on 1 and 2 threads on a fully
@@ -191,7 +192,7 @@ bench_convert() {
     done
     verify "$out_fmt" "$dq"
     verify "$out_fmt" "$di"
-    if [ "$out_fmt" = qcow2 ] || [ "$out_fmt" = vhdx ]; then
+    if [ "$out_fmt" = qcow2 ] || [ "$out_fmt" = vhdx ] || [ "$out_fmt" = parallels ]; then
         "$QEMU_IMG" check -q -f "$out_fmt" "$di" || die "qemu-img check failed on $di"
     fi
     RESULTS+=("$name|$best_q|$best_i")
@@ -256,6 +257,10 @@ VSRC=$WORK/src.vhdx
 "$QEMU_IMG" convert -f raw -O vhdx "$SRC" "$VSRC"
 bench_convert "vhdx->raw" vhdx "$VSRC" raw ""
 bench_compare "compare vhdx raw" vhdx "$VSRC" raw "$SRC"
+bench_convert "raw->parallels" raw "$SRC" parallels ""
+PSRC=$WORK/src.hds
+"$QEMU_IMG" convert -f raw -O parallels "$SRC" "$PSRC"
+bench_convert "parallels->raw" parallels "$PSRC" raw ""
 
 # A 4 TiB qcow2 holding 2 MiB of data: walking it must cost what is
 # allocated, not the virtual size.

@@ -32,6 +32,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import parallels_format  # noqa: E402  (campaigns/parallels_format.py)
 import vhdx_format  # noqa: E402  (campaigns/vhdx_format.py)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -650,6 +651,11 @@ FORMATS = {
                  default_writes),
              "locate": lambda path: vhdx_format.locate_vhdx(path, Found),
              "weights": {"bitflip": 35, "field": 50, "truncate": 15}},
+    "parallels": {"build": lambda scratch, imgloop: parallels_format.build_parallels_bases(
+                      scratch, imgloop, new_base, qemu, qemu_io_writes, imgloop_io_writes,
+                      default_writes),
+                  "locate": lambda path: parallels_format.locate_parallels(path, Found),
+                  "weights": {"bitflip": 35, "field": 50, "truncate": 15}},
 }
 
 

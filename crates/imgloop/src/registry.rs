@@ -3,6 +3,7 @@
 use crate::driver::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::cow::CowFormat;
+use crate::formats::parallels::ParallelsFormat;
 use crate::formats::qcow::QcowFormat;
 use crate::formats::qcow2::Qcow2Format;
 use crate::formats::raw::RawFormat;
@@ -14,15 +15,16 @@ static QCOW2: Qcow2Format = Qcow2Format;
 static COW: CowFormat = CowFormat;
 static QCOW: QcowFormat = QcowFormat;
 static VHDX: VhdxFormat = VhdxFormat;
+static PARALLELS: ParallelsFormat = ParallelsFormat;
 
 /// Every format driver imgloop has, in probing order.
 pub fn formats() -> &'static [&'static dyn Format] {
-    static ALL: [&dyn Format; 5] = [&QCOW2, &QCOW, &VHDX, &COW, &RAW];
+    static ALL: [&dyn Format; 6] = [&QCOW2, &QCOW, &VHDX, &PARALLELS, &COW, &RAW];
     &ALL
 }
 
 /// Format names the project plans to support but that have no driver yet.
-const PLANNED: &[&str] = &["parallels", "vpc", "vmdk", "vdi"];
+const PLANNED: &[&str] = &["vpc", "vmdk", "vdi"];
 
 /// The format called `name` (as qemu-img spells it).
 pub fn find(name: &str) -> Result<&'static dyn Format> {

@@ -75,6 +75,33 @@ pub enum FormatSpecific {
     Qcow2(Qcow2Specific),
     /// VHDX details (qemu-img shows none; these are imgloop's).
     Vhdx(VhdxSpecific),
+    /// Parallels details (qemu-img shows none; these are imgloop's).
+    Parallels(ParallelsSpecific),
+}
+
+/// What `info` reports of a Parallels image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ParallelsSpecific {
+    /// 1 (`WithoutFreeSpace`: BAT entries in sectors) or 2
+    /// (`WithouFreSpacExt`: in clusters).
+    pub version: u32,
+    /// The in-use marker is set: the image is open for writing, or was
+    /// not closed cleanly.
+    pub in_use: bool,
+    /// Dirty bitmaps of the format extension.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bitmaps: Vec<ParallelsBitmap>,
+}
+
+/// One dirty bitmap of a Parallels image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ParallelsBitmap {
+    /// Its name (the feature's UUID).
+    pub name: String,
+    /// Bytes of disk per bit.
+    pub granularity: u64,
 }
 
 /// What `info` reports of a VHDX image.

@@ -24,8 +24,8 @@ mod mapping;
 
 pub use facts::{
     BackingRef, BitmapSpecific, CheckReport, CreateOptions, DriverInfo, DriverOpenOptions,
-    FormatSpecific, OptionSpec, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
-    VhdxSpecific,
+    FormatSpecific, OptionSpec, ParallelsBitmap, ParallelsSpecific, Preallocation, Qcow2Specific,
+    RepairMode, SnapshotInfo, VhdxSpecific,
 };
 pub use mapping::{
     Allocation, BlockStatus, Commit, DiscardAction, DiscardMapping, Fill, Mapping, StorageId,

@@ -4,6 +4,7 @@
 pub mod cow;
 pub mod deflate;
 pub mod header_table;
+pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
 pub mod raw;

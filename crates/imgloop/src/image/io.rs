@@ -354,6 +354,25 @@ impl Image {
                 .write_at(&data[..n], a.offset + (pos - a.guest))
                 .map_err(io);
         }
+        // Zero fills of a large unit (a Parallels cluster can be 2 GiB) are
+        // written from one bounded buffer, not a buffer of the whole unit.
+        const CHUNK: u64 = 4 << 20;
+        if a.len > CHUNK && a.fills.iter().all(zero_fill) {
+            let zeroes = vec![0u8; CHUNK as usize];
+            for f in &a.fills {
+                let mut done = 0;
+                while done < f.len {
+                    let k = (f.len - done).min(CHUNK);
+                    storage
+                        .write_at(&zeroes[..k as usize], a.offset + (f.guest - a.guest) + done)
+                        .map_err(io)?;
+                    done += k;
+                }
+            }
+            return storage
+                .write_at(&data[..n], a.offset + (pos - a.guest))
+                .map_err(io);
+        }
         // Copying from a backing file the open policy left closed would
         // write zeroes where the guest sees backing data.
         if self.backing.is_none()
