@@ -211,7 +211,9 @@ fn preflight(a: &Args) -> Result<PathBuf> {
     }
     let image = std::fs::canonicalize(&a.image)
         .map_err(|e| Error::io("could not open", e).in_file(&a.image))?;
-    if image.is_dir() {
+    // A Parallels disk bundle (a directory) attaches as its top image.
+    let bundle = imgloop::formats::parallels::bundle::Bundle::is_bundle(&image);
+    if image.is_dir() && !bundle {
         return Err(Error::invalid_argument("is a directory, not an image file").in_file(&a.image));
     }
     if let Some(f) = &a.format {

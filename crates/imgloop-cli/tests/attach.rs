@@ -466,6 +466,66 @@ fn partscan_shows_the_partitions_of_a_gpt_image() {
 }
 
 #[test]
+fn a_parallels_disk_bundle_attaches_as_its_top_image() {
+    let env = env_or_skip!();
+    let dir = env.path("disk.hdd");
+    std::fs::create_dir(&dir).unwrap();
+    let (base, top) = (dir.join("base.hds"), dir.join("top.hds"));
+    for f in [&base, &top] {
+        env.il(&["create", "-q", "-f", "parallels", s(f), "8M"])
+            .ok();
+    }
+    env.il(&["io", "-c", "write -P 0x61 0 2M", s(&base)]).ok();
+    std::fs::write(
+        dir.join("DiskDescriptor.xml"),
+        r#"<Parallels_disk_image Version="1.0"><Disk_Parameters><Disk_size>16384</Disk_size></Disk_Parameters>
+<StorageData><Storage><Start>0</Start><End>16384</End><Blocksize>2048</Blocksize>
+<Image><GUID>{00000000-0000-0000-0000-0000000000aa}</GUID><Type>Compressed</Type><File>base.hds</File></Image>
+<Image><GUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</GUID><Type>Compressed</Type><File>top.hds</File></Image>
+</Storage></StorageData><Snapshots>
+<Shot><GUID>{00000000-0000-0000-0000-0000000000aa}</GUID><ParentGUID>{00000000-0000-0000-0000-000000000000}</ParentGUID></Shot>
+<Shot><GUID>{5fbaabe3-6958-40ff-92a7-860e329aab41}</GUID><ParentGUID>{00000000-0000-0000-0000-0000000000aa}</ParentGUID></Shot>
+</Snapshots></Parallels_disk_image>"#,
+    )
+    .unwrap();
+    let dev = env.attach(&[s(&dir)]);
+    let data = noise(12, 4096);
+    std::fs::write(env.path("in.bin"), &data).unwrap();
+    tool(
+        "dd",
+        &[
+            &format!("if={}", s(&env.path("in.bin"))),
+            &format!("of={dev}"),
+            "bs=4k",
+            "seek=1",
+            "conv=fsync",
+            "status=none",
+        ],
+    );
+    let mut head = vec![0u8; 8192];
+    use std::io::Read;
+    std::fs::File::open(&dev)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    env.il(&["detach", &dev]).ok();
+    assert!(head[..4096].iter().all(|&b| b == 0x61), "the parent's data");
+    assert!(
+        head[4096..] == data[..],
+        "the data written through the device"
+    );
+    // The write went to the top image; the parent is as it was.
+    env.il(&["io", "-r", "-c", "read -P 0x61 0 2M", s(&base)])
+        .ok();
+    let top_info = env.il(&["info", "--output=json", s(&top)]).ok();
+    assert!(
+        top_info.stdout.contains("\"bundle-guid\""),
+        "{}",
+        top_info.stdout
+    );
+}
+
+#[test]
 fn a_4k_sector_vhdx_attaches_with_4k_logical_blocks() {
     let env = env_or_skip!();
     let img = env.path("4k.vhdx");

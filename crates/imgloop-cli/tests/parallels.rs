@@ -513,3 +513,139 @@ fn hostile_headers_give_clear_errors_and_change_nothing() {
         assert!(std::fs::read(&img).unwrap() == b, "{what}: changed");
     }
 }
+
+/// qemu's name for image `top` over parallels image `base` (qemu has no
+/// bundle support: the chain is spelled out).
+fn qemu_chain(top: &Path, base: &Path) -> String {
+    format!(
+        r#"json:{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}},"backing":{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}}}}}}"#,
+        s(top),
+        s(base)
+    )
+}
+
+const TOP: &str = "{5fbaabe3-6958-40ff-92a7-860e329aab41}";
+const BASE: &str = "{8e0b4a36-2c4b-4d7b-9a43-6a1fe0c1a001}";
+
+/// A DiskDescriptor.xml for `base.hds` and its snapshot `snap.hds` (the
+/// top image), 16 MiB, 1 MiB clusters, as Parallels Desktop writes one.
+fn descriptor(base_file: &str) -> String {
+    format!(
+        r#"<?xml version='1.0' encoding='UTF-8'?>
+<Parallels_disk_image Version="1.0">
+    <Disk_Parameters>
+        <Disk_size>32768</Disk_size>
+        <Cylinders>32</Cylinders>
+        <Heads>16</Heads>
+        <Sectors>64</Sectors>
+        <Padding>0</Padding>
+        <Miscellaneous><CompatLevel>level2</CompatLevel><Bootable>1</Bootable><SuspendState>0</SuspendState></Miscellaneous>
+        <Name>disk</Name>
+    </Disk_Parameters>
+    <StorageData>
+        <Storage>
+            <Start>0</Start>
+            <End>32768</End>
+            <Blocksize>2048</Blocksize>
+            <Image><GUID>{BASE}</GUID><Type>Compressed</Type><File>{base_file}</File></Image>
+            <Image><GUID>{TOP}</GUID><Type>Compressed</Type><File>snap.hds</File></Image>
+        </Storage>
+    </StorageData>
+    <Snapshots>
+        <TopGUID>{TOP}</TopGUID>
+        <Shot><GUID>{BASE}</GUID><ParentGUID>{{00000000-0000-0000-0000-000000000000}}</ParentGUID></Shot>
+        <Shot><GUID>{TOP}</GUID><ParentGUID>{BASE}</ParentGUID></Shot>
+    </Snapshots>
+</Parallels_disk_image>
+"#
+    )
+}
+
+#[test]
+fn a_disk_bundle_opens_as_its_top_image_over_its_parent_like_qemus_explicit_chain() {
+    let sc = Scratch::new();
+    let dir = sc.path("disk.hdd");
+    std::fs::create_dir(&dir).unwrap();
+    let (base, snap) = (dir.join("base.hds"), dir.join("snap.hds"));
+    create(qemu_img, &base, "");
+    qemu_io(
+        "parallels",
+        &base,
+        &["write -P 0x11 0 3M", "write -P 0x12 9M 1M"],
+    )
+    .ok();
+    create(qemu_img, &snap, "");
+    std::fs::write(dir.join("DiskDescriptor.xml"), descriptor("base.hds")).unwrap();
+    let base_bytes = std::fs::read(&base).unwrap();
+    // qemu writes into the snapshot through an explicit chain.
+    let chain = qemu_chain(&snap, &base);
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x21 1M 4k",
+            "-c",
+            "write -P 0x22 9M 512",
+            &chain,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let theirs = sc.path("theirs.raw");
+    qemu_img(&["convert", "-O", "raw", &chain, s(&theirs)]).ok();
+    // imgloop opens the directory: the top image over its parent.
+    let ours = sc.path("ours.raw");
+    imgloop(&["convert", "-O", "raw", s(&dir), s(&ours)]).ok();
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    let info = imgloop(&["info", "--output=json", "--backing-chain", s(&dir)])
+        .ok()
+        .json();
+    let chain_info = info.as_array().unwrap();
+    assert_eq!(chain_info.len(), 2, "{info}");
+    assert_eq!(chain_info[0]["backing-filename"], "base.hds");
+    assert_eq!(chain_info[0]["format-specific"]["data"]["bundle-guid"], TOP);
+    // imgloop writes through the bundle (copying the rest of a cluster from
+    // the parent); qemu's chain reads the same; the parent is unchanged.
+    imgloop_io(
+        "parallels",
+        &dir,
+        &["write -P 0x31 2M 4k", "write -z 9M 4k"],
+    )
+    .ok();
+    assert!(
+        std::fs::read(&base).unwrap() == base_bytes,
+        "the parent changed"
+    );
+    let check = qemu_img(&["check", "-f", "parallels", s(&snap)]);
+    assert_eq!(check.code, 0, "{}", check.stdout);
+    imgloop(&["convert", "-O", "raw", s(&dir), s(&ours)]).ok();
+    qemu_img(&["convert", "-O", "raw", &chain, s(&theirs)]).ok();
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    qemu_io(
+        "raw",
+        &ours,
+        &[
+            "read -P 0x11 2101248 1044480",
+            "read -P 0x31 2M 4k",
+            "read -P 0 9M 4k",
+            "read -P 0x12 9441280 1044480",
+        ],
+    )
+    .ok();
+    // Names in the descriptor cannot leave the bundle; bad XML is an error.
+    for (text, msg) in [
+        (descriptor("../base.hds"), "outside the bundle directory"),
+        (
+            descriptor("base.hds").replace("</Snapshots>", ""),
+            "not valid XML",
+        ),
+    ] {
+        std::fs::write(dir.join("DiskDescriptor.xml"), text).unwrap();
+        let r = imgloop(&["info", s(&dir)]);
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains(msg) && r.stderr.contains("DiskDescriptor.xml"),
+            "{}",
+            r.stderr
+        );
+    }
+}

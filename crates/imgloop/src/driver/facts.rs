@@ -89,6 +89,12 @@ pub struct ParallelsSpecific {
     /// The in-use marker is set: the image is open for writing, or was
     /// not closed cleanly.
     pub in_use: bool,
+    /// The disk bundle's descriptor, for an image of a bundle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+    /// This image's GUID in the bundle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_guid: Option<String>,
     /// Dirty bitmaps of the format extension.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bitmaps: Vec<ParallelsBitmap>,

@@ -32,6 +32,19 @@ impl Image {
         let meta =
             std::fs::metadata(path).map_err(|e| Error::io("could not open", e).in_file(path))?;
         if meta.is_dir() {
+            // A Parallels disk bundle opens as its top image (whose chain
+            // the descriptor gives).
+            use crate::formats::parallels::bundle::Bundle;
+            if Bundle::is_bundle(path) {
+                let top = Bundle::read(path)?.top_file();
+                if std::fs::metadata(&top).is_ok_and(|m| m.is_dir()) {
+                    return Err(
+                        Error::invalid_argument("the bundle's top image is a directory")
+                            .in_file(&top),
+                    );
+                }
+                return Image::open(&top, opts);
+            }
             return Err(Error::invalid_argument("is a directory, not an image file").in_file(path));
         }
         if let Some(f) = &opts.format {

@@ -233,9 +233,14 @@ impl Parallels {
             .unwrap_or_else(|e| e.into_inner())
             .entry(index);
         if e == 0 {
+            // Over a parent image, zeroes must be stored.
+            let action = match self.has_parent() {
+                true => ZeroAction::Buffers,
+                false => ZeroAction::Metadata,
+            };
             return Ok(ZeroMapping {
                 len: n,
-                action: ZeroAction::Metadata,
+                action,
                 commit: None,
             });
         }
@@ -243,7 +248,8 @@ impl Parallels {
         self.check_place(host, index)?;
         self.mark_in_use()?;
         let whole = in_cluster == 0 && (n == cs || offset + n == self.header.size);
-        let release = whole && flags.may_unmap;
+        // A released cluster would show the parent's data.
+        let release = whole && flags.may_unmap && !self.has_parent();
         Ok(ZeroMapping {
             len: n,
             action: ZeroAction::Host {
@@ -273,7 +279,9 @@ impl Parallels {
             .unwrap_or_else(|e| e.into_inner())
             .entry(index);
         let whole = in_cluster == 0 && (n == cs || offset + n == self.header.size);
-        if e == 0 || !whole {
+        // Over a parent image a released cluster would show the parent's
+        // data, neither the old bytes nor zeroes: left alone, as qemu does.
+        if e == 0 || !whole || self.has_parent() {
             return Ok(DiscardMapping {
                 len: n,
                 action: DiscardAction::Nothing,

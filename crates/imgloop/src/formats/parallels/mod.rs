@@ -17,6 +17,7 @@
 //! when the file is also cut back to the end of its data (dropping the
 //! space preallocated on growth).
 
+pub mod bundle;
 mod check;
 mod create;
 pub mod extension;
@@ -26,9 +27,9 @@ mod io;
 mod tests;
 
 use crate::driver::{
-    BlockStatus, Commit, CreateOptions, DiscardMapping, Driver, DriverInfo, DriverOpenOptions,
-    Format, FormatSpecific, Mapping, OptionSpec, ParallelsSpecific, RepairMode, WriteMapping,
-    ZeroFlags, ZeroMapping,
+    BackingRef, BlockStatus, Commit, CreateOptions, DiscardMapping, Driver, DriverInfo,
+    DriverOpenOptions, Format, FormatSpecific, Mapping, OptionSpec, ParallelsSpecific, RepairMode,
+    WriteMapping, ZeroFlags, ZeroMapping,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::inflight::UnitLocks;
@@ -181,6 +182,10 @@ pub struct Parallels {
     extension_problem: Option<String>,
     /// Messages of the repair a read-write open ran.
     repaired: Vec<String>,
+    /// The parent image, for an image of a disk bundle that has one.
+    backing: Option<BackingRef>,
+    /// The bundle's descriptor and this image's GUID in it.
+    bundle: Option<(String, String)>,
 }
 
 impl Parallels {
@@ -256,6 +261,7 @@ impl Parallels {
                 Err(e) => (None, Some(e.to_string())),
             },
         };
+        let (backing, bundle) = bundle_parent(opts.path.as_deref(), &header)?;
         let mut p = Parallels {
             storages: [storage],
             header,
@@ -274,6 +280,8 @@ impl Parallels {
             extension,
             extension_problem,
             repaired: Vec::new(),
+            backing,
+            bundle,
         };
         let end = p.used_end(file_len);
         p.space
@@ -289,6 +297,11 @@ impl Parallels {
 
     fn file(&self) -> &dyn Storage {
         &*self.storages[0]
+    }
+
+    /// Whether unallocated clusters read from a parent image.
+    fn has_parent(&self) -> bool {
+        self.backing.is_some()
     }
 
     fn cluster_size(&self) -> u64 {
@@ -433,6 +446,8 @@ impl Driver for Parallels {
                     Magic::V2 => 2,
                 },
                 in_use: w.inuse == IN_USE,
+                bundle: self.bundle.as_ref().map(|b| b.0.clone()),
+                bundle_guid: self.bundle.as_ref().map(|b| b.1.clone()),
                 bitmaps: self
                     .extension
                     .as_ref()
@@ -442,6 +457,10 @@ impl Driver for Parallels {
             })),
             ..DriverInfo::default()
         }
+    }
+
+    fn backing(&self) -> Option<BackingRef> {
+        self.backing.clone()
     }
 
     fn warnings(&self) -> Vec<Error> {
@@ -466,4 +485,46 @@ impl Driver for Parallels {
     fn close(&self) -> Result<()> {
         self.close_image()
     }
+}
+
+/// An image's place in a disk bundle: its parent (as a backing file,
+/// relative to the bundle directory) and (descriptor, GUID).
+type BundlePlace = (Option<BackingRef>, Option<(String, String)>);
+
+/// For an image file inside a disk bundle: its [`BundlePlace`].
+fn bundle_parent(path: Option<&Path>, header: &Header) -> Result<BundlePlace> {
+    let Some(path) = path else {
+        return Ok((None, None));
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !bundle::Bundle::is_bundle(dir) {
+        return Ok((None, None));
+    }
+    let b = bundle::Bundle::read(dir)?;
+    let descriptor = dir.join(bundle::DESCRIPTOR).display().to_string();
+    let Some(me) = b.image_for(path) else {
+        return Err(Error::invalid_format(
+            "Parallels DiskDescriptor.xml",
+            0,
+            format!("the bundle's descriptor ({descriptor}) does not list this image"),
+        ));
+    };
+    if let Some(bs) = b.block_size.filter(|&bs| bs != header.wire.tracks as u64) {
+        return Err(Error::invalid_format(
+            "Parallels DiskDescriptor.xml",
+            0,
+            format!(
+                "the descriptor gives {bs} sectors per cluster, the image has {}",
+                header.wire.tracks
+            ),
+        ));
+    }
+    let backing = b.parent(me).map(|p| BackingRef {
+        filename: p.file.display().to_string(),
+        format: Some(if p.expandable { "parallels" } else { "raw" }.to_string()),
+    });
+    Ok((backing, Some((descriptor, me.guid.clone()))))
 }
