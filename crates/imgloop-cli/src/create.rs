@@ -3,7 +3,7 @@
 use crate::common::{fail, parse_options};
 use imgloop::size::parse_image_size;
 use imgloop::{registry, CreateOptions, Error};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
@@ -135,20 +135,139 @@ fn create_with(file: PathBuf, format: &str, new: NewImage, quiet: bool) -> imglo
         unsafe_backing,
     };
     if !quiet {
-        let mut line = format!("Formatting '{}', fmt={format}", file.display());
-        if let Some(b) = &opts.backing_file {
-            line.push_str(&format!(" backing_file={b}"));
-        }
-        if let Some(b) = &opts.backing_format {
-            line.push_str(&format!(" backing_fmt={b}"));
-        }
-        for (k, v) in &opts.options {
-            line.push_str(&format!(" {k}={v}"));
-        }
-        if size.is_some() {
-            line.push_str(&format!(" size={}", opts.size));
-        }
-        println!("{line}");
+        // As qemu-img, the size of an image made over a backing file is
+        // the backing file's when none is given.
+        let shown = match size {
+            Some(s) => Some(s),
+            None => opts.backing_file.as_deref().and_then(|b| {
+                let full = imgloop::FilePolicy::resolve(Some(&file), b);
+                let o = imgloop::OpenOptions {
+                    format: opts.backing_format.clone(),
+                    read_only: true,
+                    force_share: true,
+                    ..Default::default()
+                };
+                imgloop::Image::open(&full, &o).ok().map(|i| i.size())
+            }),
+        };
+        println!("{}", formatting_line(&file, format, &opts, shown));
     }
     imgloop::create(&file, format, &opts)
+}
+
+/// A create option as the `Formatting` line shows it: name, default
+/// (shown when the option is not given), and whether it is a size (shown
+/// in bytes).
+type Shown = (&'static str, Option<&'static str>, bool);
+
+/// The options of each format in the order qemu-img 10 prints them
+/// (`size`, `backing_file` and `backing_fmt` included); options imgloop
+/// adds come after, then the file options, then anything else.
+fn format_order(format: &str) -> &'static [Shown] {
+    const QCOW2: &[Shown] = &[
+        ("encryption", None, false),
+        ("encrypt.format", None, false),
+        ("encrypt.key-secret", None, false),
+        ("encrypt.cipher-alg", None, false),
+        ("encrypt.cipher-mode", None, false),
+        ("encrypt.ivgen-alg", None, false),
+        ("encrypt.ivgen-hash-alg", None, false),
+        ("encrypt.hash-alg", None, false),
+        ("encrypt.iter-time", None, false),
+        ("cluster_size", Some("65536"), true),
+        ("extended_l2", Some("off"), false),
+        ("preallocation", None, false),
+        ("compression_type", Some("zlib"), false),
+        ("size", None, true),
+        ("compat", None, false),
+        ("backing_file", None, false),
+        ("backing_fmt", None, false),
+        ("data_file", None, false),
+        ("data_file_raw", None, false),
+        ("lazy_refcounts", Some("off"), false),
+        ("refcount_bits", Some("16"), false),
+    ];
+    const RAW: &[Shown] = &[("size", None, true), ("preallocation", None, false)];
+    const VHDX: &[Shown] = &[
+        ("size", None, true),
+        ("log_size", Some("1048576"), true),
+        ("block_size", Some("0"), true),
+        ("subformat", None, false),
+        ("block_state_zero", None, false),
+    ];
+    const QCOW: &[Shown] = &[
+        ("size", None, true),
+        ("backing_file", None, false),
+        ("backing_fmt", None, false),
+        ("encryption", None, false),
+        ("encrypt.format", None, false),
+        ("encrypt.key-secret", None, false),
+    ];
+    const PARALLELS: &[Shown] = &[
+        ("size", None, true),
+        ("cluster_size", Some("1048576"), true),
+        ("preallocation", None, false),
+    ];
+    const OTHER: &[Shown] = &[
+        ("size", None, true),
+        ("backing_file", None, false),
+        ("backing_fmt", None, false),
+    ];
+    match format {
+        "qcow2" => QCOW2,
+        "raw" => RAW,
+        "vhdx" => VHDX,
+        "qcow" => QCOW,
+        "parallels" => PARALLELS,
+        _ => OTHER,
+    }
+}
+
+/// qemu-img's `Formatting 'FILE', fmt=FMT key=value ...` line: every
+/// option given or with a default, sizes in bytes, on/off spelled so.
+fn formatting_line(file: &Path, format: &str, opts: &CreateOptions, size: Option<u64>) -> String {
+    let mut given: std::collections::BTreeMap<&str, String> = opts
+        .options
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    if let Some(s) = size {
+        given.insert("size", s.to_string());
+    }
+    if let Some(b) = &opts.backing_file {
+        given.insert("backing_file", b.clone());
+    }
+    if let Some(b) = &opts.backing_format {
+        given.insert("backing_fmt", b.clone());
+    }
+    let show = |key: &str, value: &str, is_size: bool| -> String {
+        let v = match value {
+            "true" | "yes" => "on".to_string(),
+            "false" | "no" => "off".to_string(),
+            v if is_size => imgloop::size::parse_size(v).map_or(v.to_string(), |n| n.to_string()),
+            v => v.to_string(),
+        };
+        format!(" {key}={v}")
+    };
+    let mut line = format!("Formatting '{}', fmt={format}", file.display());
+    for &(key, default, is_size) in format_order(format) {
+        match (given.remove(key), default) {
+            (Some(v), _) => line.push_str(&show(key, &v, is_size)),
+            (None, Some(d)) => line.push_str(&show(key, d, is_size)),
+            (None, None) => {}
+        }
+    }
+    let file_opts: [(&str, bool); 2] = [("nocow", false), ("extent_size_hint", true)];
+    let (file_given, rest): (Vec<_>, Vec<_>) = given
+        .into_iter()
+        .partition(|(k, _)| file_opts.iter().any(|(f, _)| f == k));
+    for (k, v) in rest {
+        line.push_str(&show(k, &v, false));
+    }
+    for (key, is_size) in file_opts {
+        if let Some((_, v)) = file_given.iter().find(|(k, _)| *k == key) {
+            line.push_str(&show(key, v, is_size));
+        }
+    }
+    line
 }

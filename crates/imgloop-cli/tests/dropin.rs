@@ -271,3 +271,39 @@ fn info_json_counts_the_file_node_in_whole_sectors_as_qemu_img_does() {
     assert_eq!(child(&i), child(&q));
     assert_eq!(child(&i), 197_632);
 }
+
+#[test]
+fn the_formatting_line_of_create_is_qemu_imgs() {
+    let sc = Scratch::new();
+    qemu_img(&["create", "-q", "-f", "raw", s(&sc.path("base.raw")), "1M"]).ok();
+    let cases: &[&[&str]] = &[
+        &["-f", "qcow2"],
+        &["-f", "qcow2", "-o", "cluster_size=4k,compat=0.10,lazy_refcounts=off"],
+        &["-f", "qcow2", "-o", "compression_type=zstd,extended_l2=on,cluster_size=128k,preallocation=metadata,nocow=on"],
+        &["-f", "qcow2", "-o", "data_file=data.bin,data_file_raw=on,refcount_bits=64"],
+        &["-f", "qcow2", "-b", "base.raw", "-F", "raw"],
+        &["-f", "raw", "-o", "preallocation=falloc,extent_size_hint=1M"],
+        &["-f", "vhdx"],
+        &["-f", "vhdx", "-o", "subformat=fixed,block_state_zero=off,log_size=2M,block_size=1M"],
+        &["-f", "qcow", "-b", "base.raw", "-F", "raw"],
+        &["-f", "parallels", "-o", "cluster_size=4k"],
+    ];
+    for (n, args) in cases.iter().enumerate() {
+        let line = |tool: fn(&[&str]) -> Run, name: &str| {
+            let img = sc.path(name);
+            let mut v = vec!["create"];
+            v.extend_from_slice(args);
+            v.push(s(&img));
+            if !args.contains(&"-b") {
+                v.push("2M");
+            }
+            let out = tool(&v).ok().stdout;
+            let _ = std::fs::remove_file(&img);
+            let _ = std::fs::remove_file(sc.path("data.bin"));
+            out.replace(s(&img), "IMG")
+        };
+        let q = line(qemu_img, &format!("q{n}"));
+        let i = line(imgloop, &format!("i{n}"));
+        assert_eq!(i, q, "{args:?}");
+    }
+}
