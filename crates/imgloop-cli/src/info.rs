@@ -146,6 +146,16 @@ fn print_human(img: &Image) {
             print!("{out}");
         }
     }
+    // The file node under the format, as qemu-img shows it.
+    let storage = img.file_storage();
+    let len = storage.len().unwrap_or(0).div_ceil(512) * 512;
+    println!("Child node '/file':");
+    println!("    filename: {}", i.filename);
+    println!("    protocol type: file");
+    println!("    file length: {} ({len} bytes)", human_size(len));
+    if let Some(a) = storage.allocated_size().ok().flatten() {
+        println!("    disk size: {}", human_size(a));
+    }
 }
 
 /// Shows a JSON object the way qemu-img shows format-specific facts: one

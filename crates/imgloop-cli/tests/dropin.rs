@@ -307,3 +307,45 @@ fn the_formatting_line_of_create_is_qemu_imgs() {
         assert_eq!(i, q, "{args:?}");
     }
 }
+
+#[test]
+fn human_info_is_laid_out_as_qemu_imgs_child_node_included() {
+    let sc = Scratch::new();
+    let base = sc.path("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&base), "1M"]).ok();
+    let over = sc.path("over.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&over),
+    ])
+    .ok();
+    qemu_io("qcow2", &over, &["write -P 1 0 64k"]).ok();
+    let data = sc.path("ext.qcow2");
+    // qemu-img resolves a relative data file name against its working
+    // directory: give it absolute.
+    let opt = format!("data_file={}", s(&sc.path("ext.bin")));
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opt, s(&data), "1M"]).ok();
+    for (img, chain) in [
+        (&over, true),
+        (&over, false),
+        (&data, false),
+        (&base, false),
+    ] {
+        let mut args = vec!["info"];
+        if chain {
+            args.push("--backing-chain");
+        }
+        args.push(s(img));
+        let q = qemu_img(&args).ok().stdout;
+        let i = imgloop(&args).ok().stdout;
+        assert!(q.contains("Child node '/file':"), "{q}");
+        assert_eq!(i, q, "{args:?}");
+    }
+}

@@ -292,17 +292,10 @@ impl Image {
         self.driver.check(repair).map_err(|e| self.err(e))
     }
 
-    /// Bytes allocated on the host for every file of the image.
+    /// Bytes allocated on the host for the image file (as qemu-img's
+    /// `disk size`, which leaves an external data file out).
     fn actual_size(&self) -> Option<u64> {
-        let storages = self.driver.storages();
-        let mut total = 0u64;
-        for (i, s) in storages.iter().enumerate() {
-            if storages[..i].iter().any(|o| Arc::ptr_eq(o, s)) {
-                continue;
-            }
-            total = total.checked_add(s.allocated_size().ok().flatten()?)?;
-        }
-        Some(total)
+        self.driver.storages()[0].allocated_size().ok().flatten()
     }
 
     /// Facts for `info`.
