@@ -280,7 +280,7 @@ fn the_formatting_line_of_create_is_qemu_imgs() {
         &["-f", "qcow2"],
         &["-f", "qcow2", "-o", "cluster_size=4k,compat=0.10,lazy_refcounts=off"],
         &["-f", "qcow2", "-o", "compression_type=zstd,extended_l2=on,cluster_size=128k,preallocation=metadata,nocow=on"],
-        &["-f", "qcow2", "-o", "data_file=data.bin,data_file_raw=on,refcount_bits=64"],
+        &["-f", "qcow2", "-o", "data_file=/var/tmp/imgloop-formatting-line.data,data_file_raw=on,refcount_bits=64"],
         &["-f", "qcow2", "-b", "base.raw", "-F", "raw"],
         &["-f", "raw", "-o", "preallocation=falloc,extent_size_hint=1M"],
         &["-f", "vhdx"],
@@ -299,7 +299,7 @@ fn the_formatting_line_of_create_is_qemu_imgs() {
             }
             let out = tool(&v).ok().stdout;
             let _ = std::fs::remove_file(&img);
-            let _ = std::fs::remove_file(sc.path("data.bin"));
+            let _ = std::fs::remove_file("/var/tmp/imgloop-formatting-line.data");
             out.replace(s(&img), "IMG")
         };
         let q = line(qemu_img, &format!("q{n}"));
@@ -347,5 +347,66 @@ fn human_info_is_laid_out_as_qemu_imgs_child_node_included() {
         let i = imgloop(&args).ok().stdout;
         assert!(q.contains("Child node '/file':"), "{q}");
         assert_eq!(i, q, "{args:?}");
+    }
+}
+
+#[test]
+fn a_relative_data_file_name_means_what_it_means_to_qemu_img() {
+    // qemu-img creates (and opens) a relative data file name against its
+    // working directory, not the image's; scripts rely on where it lands.
+    let sc = Scratch::new();
+    for (tool, dir) in [("qemu-img", "q"), (imgloop_bin(), "i")] {
+        let cwd = sc.path(dir);
+        std::fs::create_dir_all(cwd.join("sub")).unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(tool)
+                .args(args)
+                .current_dir(&cwd)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{tool} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=d.bin",
+            "sub/c.qcow2",
+            "1M",
+        ]);
+        assert!(
+            cwd.join("d.bin").exists() && !cwd.join("sub/d.bin").exists(),
+            "{tool}"
+        );
+        std::fs::write(cwd.join("src.raw"), vec![7u8; 1 << 20]).unwrap();
+        run(&[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "data_file=e.bin",
+            "src.raw",
+            "sub/v.qcow2",
+        ]);
+        assert!(cwd.join("e.bin").exists(), "{tool}");
+        // Both tools open either image from that directory.
+        let q = std::process::Command::new("qemu-img")
+            .args(["compare", "sub/v.qcow2", "src.raw"])
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        assert!(q.status.success(), "{tool}: {q:?}");
+        let i = std::process::Command::new(imgloop_bin())
+            .args(["compare", "sub/v.qcow2", "src.raw"])
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        assert!(i.status.success(), "{tool}: {i:?}");
     }
 }

@@ -278,7 +278,7 @@ fn create_refuses_a_data_file_that_is_the_image_or_its_backing_file() {
         "-f",
         "qcow2",
         "-o",
-        "data_file=b.raw",
+        &format!("data_file={}", s(&base)),
         "-b",
         "b.raw",
         "-F",
@@ -298,7 +298,7 @@ fn create_refuses_a_data_file_that_is_the_image_or_its_backing_file() {
         "-f",
         "qcow2",
         "-o",
-        "data_file=other.qcow2",
+        &format!("data_file={}", s(&other)),
         s(&img),
         "1M",
     ]);

@@ -121,7 +121,13 @@ impl FilePolicy {
         name: &str,
         writable: bool,
     ) -> Result<FileStorage> {
-        let path = Self::resolve(image, name);
+        let mut path = Self::resolve(image, name);
+        // qemu resolves a data file's relative name against its working
+        // directory (where qemu-img create puts it); imgloop looks next to
+        // the image first, then there.
+        if role == FileRole::DataFile && !path.exists() && Path::new(name).exists() {
+            path = PathBuf::from(name);
+        }
         if !self.allows(role) {
             return Err(Error::new(
                 ErrorKind::Refused,

@@ -208,6 +208,13 @@ fn make_image(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating a scratch directory", e))?;
     let made = (|| {
         let mut create = create.clone();
+        // A relative data file name is relative to the working directory
+        // (as in qemu-img): name it inside the scratch directory.
+        if let Some(name) = data_file {
+            create
+                .options
+                .insert("data_file".into(), dir.join(name).display().to_string());
+        }
         let mut backing_image = None;
         if let Some((content, bfmt)) = backing {
             let bpath = dir.join("backing");
@@ -230,7 +237,8 @@ fn make_image(
         };
         let mut companions = Vec::new();
         if let Some(name) = data_file {
-            companions.push((name.clone(), read(&dir.join(name))?));
+            let full = dir.join(name);
+            companions.push((full.display().to_string(), read(&full)?));
         }
         Ok(Made {
             image: read(&path)?,

@@ -53,7 +53,10 @@ fn by_default_a_backing_file_is_not_opened_and_reads_as_zeroes() {
 fn by_default_an_image_that_needs_a_data_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
-    make(&img, "qcow2", 1 << 20, None, &[("data_file", "d.data")]);
+    // A relative data file name is relative to the working directory when
+    // creating (as in qemu-img): name it in the scratch directory.
+    let data_name = dir.path().join("d.data").display().to_string();
+    make(&img, "qcow2", 1 << 20, None, &[("data_file", &data_name)]);
     let e = Image::open(&img, &OpenOptions::read_only(Some("qcow2"))).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
     assert!(e.to_string().contains("d.data"), "{e}");
@@ -68,7 +71,10 @@ fn by_default_an_image_that_needs_a_data_file_is_refused() {
 fn the_data_file_of_a_read_only_image_is_opened_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.qcow2");
-    make(&img, "qcow2", 1 << 20, None, &[("data_file", "d.data")]);
+    // A relative data file name is relative to the working directory when
+    // creating (as in qemu-img): name it in the scratch directory.
+    let data_name = dir.path().join("d.data").display().to_string();
+    make(&img, "qcow2", 1 << 20, None, &[("data_file", &data_name)]);
     let ro = Image::open(
         &img,
         &OpenOptions::read_only(Some("qcow2")).with_policy(follow()),

@@ -299,7 +299,9 @@ pub fn create(path: &Path, format: &str, opts: &CreateOptions) -> Result<()> {
         }
     }
     if let Some(d) = opts.options.get("data_file") {
-        let data = FilePolicy::resolve(Some(path), d);
+        // Created where qemu-img creates it: relative to the working
+        // directory.
+        let data = PathBuf::from(d);
         if same_file(path, &data) || backing_path.as_deref().is_some_and(|b| same_file(b, &data)) {
             return Err(Error::invalid_argument(format!(
                 "the data file '{}' is the image itself or its backing file",

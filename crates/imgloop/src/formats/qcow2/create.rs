@@ -253,12 +253,10 @@ pub(super) fn create(
 
     // The external data file.
     if let Some(d) = &p.data_file {
-        let dir = path.and_then(Path::parent).unwrap_or(Path::new(""));
-        let dpath = if Path::new(d).is_absolute() {
-            Path::new(d).to_path_buf()
-        } else {
-            dir.join(d)
-        };
+        // As qemu-img: a relative name is relative to the working
+        // directory (the header stores it as given).
+        let _ = path;
+        let dpath = Path::new(d).to_path_buf();
         let ds = FileStorage::create(&dpath).map_err(|e| {
             Error::io(
                 format!("could not create data file '{}'", dpath.display()),
