@@ -6,6 +6,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod detach;
 mod fuse;
 mod info;
@@ -47,6 +48,8 @@ enum Command {
     Convert(convert::Args),
     /// Compare the guest-visible content of two images.
     Compare(compare::Args),
+    /// Copy part of an image into a new image (dd-style operands).
+    Dd(dd::Args),
     /// Show where the guest data of an image lives.
     Map(map::Args),
     /// Check an image's metadata for consistency and optionally repair it.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Create(a) => create::run(a),
+        Command::Dd(a) => dd::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Map(a) => map::run(a),

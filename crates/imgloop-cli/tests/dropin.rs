@@ -410,3 +410,77 @@ fn a_relative_data_file_name_means_what_it_means_to_qemu_img() {
         assert!(i.status.success(), "{tool}: {i:?}");
     }
 }
+
+#[test]
+fn dd_copies_what_qemu_img_dd_copies_with_its_messages() {
+    let sc = Scratch::new();
+    let src = sc.path("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&src), "8M"]).ok();
+    qemu_io(
+        "qcow2",
+        &src,
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 3M 64k",
+            "write -P 0x33 8323072 65536",
+        ],
+    )
+    .ok();
+    let cases: &[&[&str]] = &[
+        &["bs=64k", "count=3", "skip=1"],
+        &["-O", "qcow2", "bs=1M", "skip=2"],
+        &["bs=1000", "count=1"],
+        &["bs=64k", "count=100000"],
+        &["bs=1k", "skip=8192"],
+        &["-O", "vhdx", "bs=4k", "count=1000", "skip=700"],
+    ];
+    for args in cases {
+        let (q, i) = (sc.path("q.out"), sc.path("i.out"));
+        let _ = std::fs::remove_file(&q);
+        let _ = std::fs::remove_file(&i);
+        let with = |out: &std::path::Path| -> Vec<String> {
+            let mut v: Vec<String> = vec!["dd".into(), "-f".into(), "qcow2".into()];
+            v.extend(args.iter().map(|a| a.to_string()));
+            v.push(format!("if={}", s(&src)));
+            v.push(format!("of={}", s(out)));
+            v
+        };
+        let (qa, ia) = (with(&q), with(&i));
+        qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+        imgloop(&ia.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+        let qi = qemu_img(&["info", "--output=json", s(&q)]).ok().json();
+        let ii = qemu_img(&["info", "--output=json", s(&i)]).ok().json();
+        assert_eq!(qi["format"], ii["format"], "{args:?}");
+        assert_eq!(qi["virtual-size"], ii["virtual-size"], "{args:?}");
+        qemu_img(&["compare", s(&q), s(&i)]).ok();
+    }
+    for (args, msg) in [
+        (
+            &["bs=0"][..],
+            "Invalid bs specified. Must be between 1 and 2147483647.",
+        ),
+        (
+            &["count=-1"][..],
+            "Invalid count specified. Must be between 0 and 9223372036854775807.",
+        ),
+        (&["foo=1"][..], "unrecognized operand foo"),
+        (&[][..], "Must specify both input and output files"),
+    ] {
+        let mut v = vec!["dd"];
+        v.extend_from_slice(args);
+        let src_arg = format!("if={}", s(&src));
+        let out_arg = format!("of={}", s(&sc.path("x.out")));
+        v.push(&src_arg);
+        if !args.is_empty() {
+            v.push(&out_arg);
+        }
+        let q = qemu_img(&v);
+        let i = imgloop(&v);
+        assert_eq!((q.code, i.code), (1, 1), "{args:?}");
+        assert!(
+            q.stderr.contains(msg) && i.stderr.contains(msg),
+            "{args:?}: {}",
+            i.stderr
+        );
+    }
+}
