@@ -649,3 +649,94 @@ fn a_disk_bundle_opens_as_its_top_image_over_its_parent_like_qemus_explicit_chai
         );
     }
 }
+
+#[test]
+fn create_with_a_backing_file_makes_a_bundle_snapshot_that_qemu_reads_through_the_chain() {
+    let sc = Scratch::new();
+    let dir = sc.path("disk.hdd");
+    std::fs::create_dir(&dir).unwrap();
+    let (base, snap, snap2) = (
+        dir.join("base.hds"),
+        dir.join("snap.hds"),
+        dir.join("snap2.hds"),
+    );
+    create(qemu_img, &base, "cluster_size=64k");
+    qemu_io("parallels", &base, &["write -P 0x11 0 3M"]).ok();
+    let base_bytes = std::fs::read(&base).unwrap();
+    // The descriptor is made, then extended.
+    for (child, parent) in [(&snap, "base.hds"), (&snap2, "snap.hds")] {
+        imgloop(&[
+            "create",
+            "-q",
+            "-f",
+            "parallels",
+            "-b",
+            parent,
+            "-F",
+            "parallels",
+            s(child),
+        ])
+        .ok();
+    }
+    let text = std::fs::read_to_string(dir.join("DiskDescriptor.xml")).unwrap();
+    assert_eq!(text.matches("<Image>").count(), 3, "{text}");
+    // The new images take the parent's cluster size and size.
+    let info = imgloop(&["info", "--output=json", "--backing-chain", s(&dir)])
+        .ok()
+        .json();
+    let chain = info.as_array().unwrap();
+    assert_eq!(chain.len(), 3, "{info}");
+    assert!(chain[0]["filename"]
+        .as_str()
+        .unwrap()
+        .ends_with("snap2.hds"));
+    assert_eq!(chain[0]["cluster-size"], 65536);
+    assert_eq!(chain[0]["virtual-size"], 16 << 20);
+    imgloop_io(
+        "parallels",
+        &dir,
+        &["write -P 0x22 1M 4k", "write -P 0x23 5M 64k"],
+    )
+    .ok();
+    assert!(
+        std::fs::read(&base).unwrap() == base_bytes,
+        "the base changed"
+    );
+    // qemu, given the chain explicitly, reads what imgloop reads.
+    let chain = format!(
+        r#"json:{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}},"backing":{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}},"backing":{{"driver":"parallels","file":{{"driver":"file","filename":"{}"}}}}}}}}"#,
+        s(&snap2),
+        s(&snap),
+        s(&base)
+    );
+    let (theirs, ours) = (sc.path("theirs.raw"), sc.path("ours.raw"));
+    qemu_img(&["convert", "-O", "raw", &chain, s(&theirs)]).ok();
+    imgloop(&["convert", "-O", "raw", s(&dir), s(&ours)]).ok();
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    qemu_io(
+        "raw",
+        &ours,
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x22 1M 4k",
+            "read -P 0x11 1052672 1044480",
+            "read -P 0x23 5M 64k",
+        ],
+    )
+    .ok();
+    // A backing file in another directory cannot be recorded.
+    let other = sc.path("elsewhere.hds");
+    let r = imgloop(&[
+        "create",
+        "-q",
+        "-f",
+        "parallels",
+        "-b",
+        s(&base),
+        "-F",
+        "parallels",
+        s(&other),
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("disk bundle"), "{}", r.stderr);
+}

@@ -247,6 +247,140 @@ impl Bundle {
     }
 }
 
+/// Adds the new image `file` as a snapshot over `parent` (both in the
+/// bundle directory `dir`) and makes it the top image: the descriptor is
+/// created when there is none, else the image, its shot and the top GUID
+/// are written into it (everything else in it is kept as it is). The new
+/// descriptor replaces the old one atomically.
+pub fn add_snapshot(
+    dir: &Path,
+    parent: &Path,
+    parent_expandable: bool,
+    file: &Path,
+    disk_sectors: u64,
+    tracks: u64,
+) -> Result<()> {
+    // Both files must be in the bundle directory.
+    let canonical_dir = |p: &Path| {
+        let d = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::canonicalize(d).ok()
+    };
+    let here = std::fs::canonicalize(dir).ok();
+    let name = |p: &Path| -> Result<String> {
+        match (p.file_name(), canonical_dir(p)) {
+            (Some(n), Some(d)) if Some(&d) == here.as_ref() => Ok(n.to_string_lossy().into_owned()),
+            _ => Err(Error::invalid_argument(format!(
+                "'{}' is not in the directory '{}': a Parallels image gets its backing file through a disk bundle, which keeps both in one directory",
+                p.display(),
+                dir.display()
+            ))),
+        }
+    };
+    let (parent_name, file_name) = (name(parent)?, name(file)?);
+    let guid = format!("{{{}}}", uuid::Uuid::new_v4());
+    let image = format!(
+        "<Image><GUID>{guid}</GUID><Type>Compressed</Type><File>{}</File></Image>",
+        xml_text(&file_name)
+    );
+    let path = dir.join(DESCRIPTOR);
+    let text = if Bundle::is_bundle(dir) {
+        let old = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io("could not read the bundle descriptor", e).in_file(&path))?;
+        let b = Bundle::parse(dir, &old)?;
+        let p = b
+            .images
+            .iter()
+            .find(|i| i.file == Path::new(&parent_name))
+            .ok_or_else(|| {
+                bad(
+                    dir,
+                    format!("the descriptor does not list the backing file '{parent_name}'"),
+                )
+            })?;
+        if b.images.iter().any(|i| i.file == Path::new(&file_name)) {
+            return Err(bad(
+                dir,
+                format!("the descriptor already lists '{file_name}'"),
+            ));
+        }
+        let shot = format!(
+            "<Shot><GUID>{guid}</GUID><ParentGUID>{}</ParentGUID></Shot>",
+            p.guid
+        );
+        let mut t = insert_before_last(&old, "</Storage>", &image)
+            .ok_or_else(|| bad(dir, "no </Storage> to add the image to"))?;
+        t = match insert_before_last(&t, "</Snapshots>", &shot) {
+            Some(t) => t,
+            None => {
+                let shots = format!(
+                    "<Snapshots><Shot><GUID>{}</GUID><ParentGUID>{NO_PARENT}</ParentGUID></Shot>{shot}</Snapshots>",
+                    p.guid
+                );
+                insert_before_last(&t, "</Parallels_disk_image>", &shots)
+                    .ok_or_else(|| bad(dir, "no </Parallels_disk_image>"))?
+            }
+        };
+        set_top(&t, &guid).ok_or_else(|| bad(dir, "no <Snapshots> for the top GUID"))?
+    } else {
+        let root = format!("{{{}}}", uuid::Uuid::new_v4());
+        let kind = if parent_expandable {
+            "Compressed"
+        } else {
+            "Plain"
+        };
+        format!(
+            "<?xml version='1.0' encoding='UTF-8'?>\n\
+<Parallels_disk_image Version=\"1.0\">\n\
+  <Disk_Parameters>\n    <Disk_size>{disk_sectors}</Disk_size>\n    <Cylinders>{}</Cylinders>\n    <Heads>16</Heads>\n    <Sectors>32</Sectors>\n    <Padding>0</Padding>\n  </Disk_Parameters>\n\
+  <StorageData>\n    <Storage>\n      <Start>0</Start>\n      <End>{disk_sectors}</End>\n      <Blocksize>{tracks}</Blocksize>\n\
+      <Image><GUID>{root}</GUID><Type>{kind}</Type><File>{}</File></Image>\n      {image}\n    </Storage>\n  </StorageData>\n\
+  <Snapshots>\n    <TopGUID>{guid}</TopGUID>\n\
+    <Shot><GUID>{root}</GUID><ParentGUID>{NO_PARENT}</ParentGUID></Shot>\n\
+    <Shot><GUID>{guid}</GUID><ParentGUID>{root}</ParentGUID></Shot>\n  </Snapshots>\n\
+</Parallels_disk_image>\n",
+            disk_sectors / 512,
+            xml_text(&parent_name)
+        )
+    };
+    // What was written must read back as this bundle.
+    let b = Bundle::parse(dir, &text)?;
+    debug_assert_eq!(b.top, guid);
+    let tmp = dir.join(".DiskDescriptor.xml.new");
+    std::fs::write(&tmp, &text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| Error::io("writing the bundle descriptor", e).in_file(&path))
+}
+
+fn xml_text(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn insert_before_last(text: &str, tag: &str, what: &str) -> Option<String> {
+    let at = text.rfind(tag)?;
+    Some(format!("{}{what}\n{}", &text[..at], &text[at..]))
+}
+
+/// `text` with the top GUID set to `guid` (replaced, or added first in
+/// `<Snapshots>`).
+fn set_top(text: &str, guid: &str) -> Option<String> {
+    if let (Some(a), Some(b)) = (text.find("<TopGUID>"), text.find("</TopGUID>")) {
+        if a < b {
+            return Some(format!("{}<TopGUID>{guid}{}", &text[..a], &text[b..]));
+        }
+    }
+    let at = text.find("<Snapshots>")? + "<Snapshots>".len();
+    Some(format!(
+        "{}<TopGUID>{guid}</TopGUID>{}",
+        &text[..at],
+        &text[at..]
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,17 @@ use crate::storage::Storage;
 /// Default cluster size, as qemu-img's.
 pub const DEFAULT_CLUSTER: u64 = 1 << 20;
 
-pub(super) fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> {
+pub(super) fn create(
+    storage: &dyn Storage,
+    path: Option<&std::path::Path>,
+    opts: &CreateOptions,
+) -> Result<()> {
+    // A backing file: the new image becomes a snapshot over it in the
+    // directory's disk bundle, with the parent's cluster size.
+    let parent = match &opts.backing_file {
+        Some(b) => Some(parent_of(path, b, opts)?),
+        None => None,
+    };
     match opts.options.get("preallocation").map(String::as_str) {
         None | Some("off") | Some("falloc") | Some("full") | Some("metadata") => {}
         Some(v) => {
@@ -20,8 +30,17 @@ pub(super) fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> 
         }
     }
     // qemu-img rounds both up to whole sectors.
-    let cs = opts
-        .get_size("cluster_size")?
+    let given = opts.get_size("cluster_size")?;
+    if let (Some(g), Some(p)) = (given, &parent) {
+        if g.div_ceil(SECTOR) != p.tracks {
+            return Err(Error::invalid_argument(format!(
+                "the cluster size must be the backing image's ({} bytes)",
+                p.tracks * SECTOR
+            )));
+        }
+    }
+    let cs = given
+        .or(parent.as_ref().map(|p| p.tracks * SECTOR))
         .unwrap_or(DEFAULT_CLUSTER)
         .div_ceil(SECTOR)
         .max(1)
@@ -70,5 +89,61 @@ pub(super) fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<()> 
         .map_err(io("writing the Parallels header"))?;
     storage
         .set_len(data_off * SECTOR)
-        .map_err(io("writing the Parallels BAT"))
+        .map_err(io("writing the Parallels BAT"))?;
+    if let (Some(p), Some(path)) = (parent, path) {
+        super::bundle::add_snapshot(&p.dir, &p.path, p.expandable, path, size / SECTOR, tracks)?;
+    }
+    Ok(())
+}
+
+/// The backing image of a new image, as the bundle needs it.
+struct Parent {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+    expandable: bool,
+    tracks: u64,
+}
+
+fn parent_of(path: Option<&std::path::Path>, name: &str, opts: &CreateOptions) -> Result<Parent> {
+    let path = path.ok_or_else(|| {
+        Error::invalid_argument("a Parallels image with a backing file needs a file name")
+    })?;
+    let expandable = match opts.backing_format.as_deref() {
+        Some("parallels") | None => true,
+        Some("raw") => false,
+        Some(f) => {
+            return Err(Error::invalid_argument(format!(
+                "a Parallels image's backing file is a parallels or raw image, not {f}"
+            )))
+        }
+    };
+    let full = crate::policy::FilePolicy::resolve(Some(path), name);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let tracks = if expandable {
+        let mut head = [0u8; 64];
+        let f = crate::storage::FileStorage::open(&full, false).map_err(|e| {
+            Error::io(
+                format!("could not open backing file '{}'", full.display()),
+                e,
+            )
+        })?;
+        f.read_at(&mut head, 0)
+            .map_err(|e| Error::io("reading the backing file's header", e))?;
+        let w = WireHeader::parse(&head).expect("64 bytes");
+        Header::validate(w)
+            .map_err(|e| e.in_file(&full))?
+            .wire
+            .tracks as u64
+    } else {
+        DEFAULT_CLUSTER / SECTOR
+    };
+    Ok(Parent {
+        dir,
+        path: full,
+        expandable,
+        tracks,
+    })
 }

@@ -60,6 +60,16 @@ const OPTIONS: &[OptionSpec] = &[
         kind: "string",
         help: "Accepted as qemu-img accepts it (off, falloc, full); the image is made the same way",
     },
+    OptionSpec {
+        name: "backing_file",
+        kind: "string",
+        help: "The image to make a snapshot over, in the same directory (recorded in the directory's DiskDescriptor.xml bundle, made when there is none)",
+    },
+    OptionSpec {
+        name: "backing_fmt",
+        kind: "string",
+        help: "Format of the backing image (parallels or raw)",
+    },
 ];
 
 /// Open option: how the file grows (`falloc`, the default, or `truncate`).
@@ -101,11 +111,11 @@ impl Format for ParallelsFormat {
     fn create(
         &self,
         storage: Arc<dyn Storage>,
-        _path: Option<&Path>,
+        path: Option<&Path>,
         opts: &CreateOptions,
     ) -> Result<()> {
         opts.check_known(self)?;
-        create::create(&*storage, opts)
+        create::create(&*storage, path, opts)
     }
 }
 
