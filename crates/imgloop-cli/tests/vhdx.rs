@@ -918,3 +918,31 @@ fn bad_bat_entries_are_reported_and_repaired_into_images_qemu_accepts() {
     imgloop_io("vhdx", &img, &["write -P 0x43 6M 4k"]).ok();
     imgloop_io("vhdx", &img, &["read -P 0x42 1M 64k", "read -P 0x43 6M 4k"]).ok();
 }
+
+#[test]
+fn a_block_aliasing_the_header_section_keeps_its_bytes_through_a_repair_that_rewrites_the_headers()
+{
+    // Found by the mutation campaign: the repair rewrote a damaged region
+    // table copy before copying the block that reads those bytes.
+    let sc = Scratch::new();
+    let img = sc.path("alias.vhdx");
+    create(qemu_img, &img, "block_size=1M,block_state_zero=off", "12M");
+    qemu_io("vhdx", &img, &["write -P 0x55 2M 1M"]).ok();
+    let mut file = std::fs::read(&img).unwrap();
+    let (bat, _) = regions(&file);
+    let bat = bat as usize;
+    // Block 9: fully present at file offset 0 (the header section).
+    file[bat + 72..bat + 80].copy_from_slice(&6u64.to_le_bytes());
+    // The second region table copy differs from the first.
+    let t = REGIONS_AT[1] as usize;
+    file[t + 12] ^= 1;
+    seal(&mut file[t..t + 65536], 4);
+    std::fs::write(&img, &file).unwrap();
+    let before = sc.path("before.raw");
+    qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&img), s(&before)]).ok();
+    let r = imgloop(&["check", "-r", "all", s(&img)]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    imgloop(&["check", s(&img)]).ok();
+    qemu_img(&["check", "-f", "vhdx", s(&img)]).ok();
+    qemu_img(&["compare", "-f", "vhdx", "-F", "raw", s(&img), s(&before)]).ok();
+}

@@ -41,7 +41,15 @@ impl Vhdx {
             ),
             LogState::Clean => {}
         }
-        let problems = self.open_problems.clone();
+        // BAT entries first: a block sharing bytes with the header section
+        // or a region table gets its copy of them before they are
+        // rewritten below.
+        self.check_bat(&mut r, fix, &mut note)?;
+        let problems = self
+            .open_problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut rewrite_headers = false;
         let mut rewrite_regions = false;
         for p in problems {
@@ -69,9 +77,13 @@ impl Vhdx {
                 .sync()
                 .map_err(|e| Error::io("syncing the image", e))?;
         }
-        self.check_bat(&mut r, fix, &mut note)?;
         if fix {
             self.flush_metadata()?;
+            // The headers and region tables were rewritten.
+            self.open_problems
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
         Ok(r)
     }

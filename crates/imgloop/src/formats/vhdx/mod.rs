@@ -177,8 +177,9 @@ pub struct Vhdx {
     log_state: LogState,
     /// The parent file name chosen from the parent locator.
     parent: Option<String>,
-    /// Problems found at open that `check` reports.
-    open_problems: Vec<String>,
+    /// Problems found at open that `check` reports (cleared when `check
+    /// -r` repairs them).
+    open_problems: Mutex<Vec<String>>,
 }
 
 /// 4 KiB metadata sectors kept cached while clean (16 MiB).

@@ -99,7 +99,7 @@ impl Vhdx {
             session: Mutex::new(Session::default()),
             log_state,
             parent,
-            open_problems: problems,
+            open_problems: Mutex::new(problems),
         })
     }
 
