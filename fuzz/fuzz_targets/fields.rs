@@ -99,3 +99,31 @@ pub fn mutate(input: &mut Input, bytes: &mut [u8], field: (u64, u8), unit: u64, 
     };
     put(bytes, at, width, v, order);
 }
+
+/// What every typed-field target does with a read-only open: walks block
+/// status over at most `walk` bytes (4096 calls at most), reads the first
+/// `read` bytes, asks for info (and a check when `check`), closes.
+pub fn exercise_read_only(img: &imgloop::Image, walk: u64, read: u64, check: bool) {
+    let size = img.size().min(walk);
+    let mut pos = 0;
+    let mut calls = 0;
+    while pos < size && calls < 4096 {
+        calls += 1;
+        match img.block_status(pos, size - pos) {
+            Ok(s) => pos += s.len,
+            Err(_) => break,
+        }
+    }
+    let mut buf = vec![0u8; 65536];
+    let mut pos = 0;
+    while pos < size.min(read) {
+        let n = (size - pos).min(65536) as usize;
+        let _ = img.read(&mut buf[..n], pos);
+        pos += n as u64;
+    }
+    let _ = img.info();
+    if check {
+        let _ = img.check(None);
+    }
+    let _ = img.close();
+}

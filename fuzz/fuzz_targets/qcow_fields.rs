@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 #[path = "fields.rs"]
 mod fields;
-use fields::{get, mutate, Input, Order};
+use fields::{exercise_read_only, get, mutate, Input, Order};
 
 /// Header fields: (offset, width).
 const HEADER: &[(u64, u8)] = &[
@@ -99,25 +99,7 @@ fuzz_target!(|data: &[u8]| {
 
     let ro = MemStorage::from_bytes(&bytes);
     if let Some(img) = open(&ro, true, &secrets, encrypted) {
-        let size = img.size().min(8 << 20);
-        let mut pos = 0;
-        let mut calls = 0;
-        while pos < size && calls < 4096 {
-            calls += 1;
-            match img.block_status(pos, size - pos) {
-                Ok(s) => pos += s.len,
-                Err(_) => break,
-            }
-        }
-        let mut buf = vec![0u8; 65536];
-        let mut pos = 0;
-        while pos < size.min(2 << 20) {
-            let n = (size - pos).min(65536) as usize;
-            let _ = img.read(&mut buf[..n], pos);
-            pos += n as u64;
-        }
-        let _ = img.info();
-        let _ = img.close();
+        exercise_read_only(&img, 8 << 20, 2 << 20, false);
         assert!(ro.to_vec() == bytes, "a read-only open changed the image");
     }
 
