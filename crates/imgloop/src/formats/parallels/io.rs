@@ -76,6 +76,10 @@ impl Parallels {
     /// detaches a format extension, whose bitmaps the writes would make
     /// stale), synced before any data is written.
     fn mark_in_use(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.marked_fast.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
         if *marked {
             return Ok(());
@@ -85,6 +89,7 @@ impl Parallels {
             w.ext_off = 0;
         })?;
         *marked = true;
+        self.marked_fast.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -360,6 +365,8 @@ impl Parallels {
         }
         self.write_header(|w| w.inuse = 0)?;
         *marked = false;
+        self.marked_fast
+            .store(false, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

@@ -186,6 +186,8 @@ pub struct Parallels {
     flush_lock: Mutex<()>,
     /// The in-use marker is on disk (this session changed the image).
     marked: Mutex<bool>,
+    /// `marked` for the write path's check without the lock.
+    marked_fast: std::sync::atomic::AtomicBool,
     /// The format extension, when it was read.
     extension: Option<Extension>,
     /// Why the extension was not read (reported by `check`).
@@ -287,6 +289,7 @@ impl Parallels {
             units: UnitLocks::new(),
             flush_lock: Mutex::new(()),
             marked: Mutex::new(false),
+            marked_fast: std::sync::atomic::AtomicBool::new(false),
             extension,
             extension_problem,
             repaired: Vec::new(),

@@ -2,7 +2,6 @@
 
 use super::extension::build_bitmap_extension;
 use super::header::{Header, WireHeader, IN_USE, MAGIC_V1};
-use super::Parallels;
 use crate::driver::{CreateOptions, DriverOpenOptions, FormatSpecific, Mapping, RepairMode};
 use crate::storage::{MemStorage, Storage};
 use crate::testkit::{run_model_test_with, run_power_cut_test, PowerCut};
@@ -329,11 +328,28 @@ fn hostile_headers_are_clear_errors() {
         open(&mem, true).unwrap_err().kind(),
         ErrorKind::InvalidFormat
     );
-    // Writes through an entry into the BAT are refused; reads work.
-    let mem = MemStorage::from_bytes(&good.to_vec());
-    mem.write_at(&0u32.to_le_bytes(), 64).unwrap();
+    // An entry pointing before the data area (into the header and BAT):
+    // reads work (they show those bytes, as in qemu), in-place writes are
+    // refused.
+    let mem = version1_image();
+    let mut w = wire(&mem);
+    w.data_off = 64;
+    mem.write_at(&w.to_bytes(), 0).unwrap();
+    mem.write_at(&1u32.to_le_bytes(), 64 + 4 * 5).unwrap();
     let img = open(&mem, true).unwrap();
+    let mut b = [0u8; 512];
+    img.read(&mut b, 5 * 32768).unwrap();
+    assert_eq!(&b[..], &mem.to_vec()[512..1024]);
     drop(img);
+    let img = open_with(
+        &mem,
+        false,
+        &[(crate::formats::qcow2::OPEN_FOR_CHECK, "on")],
+    )
+    .unwrap();
+    let e = img.write(&[1u8; 512], 5 * 32768).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("before the data area"), "{e}");
 }
 
 #[test]
@@ -375,5 +391,4 @@ fn a_dirty_bitmap_extension_is_listed_kept_and_detached_on_write() {
     let img = open(&mem, true).unwrap();
     assert!(img.driver().warnings()[0].to_string().contains("checksum"));
     assert_eq!(img.check(None).unwrap().corruptions, 1);
-    let _ = Parallels::open;
 }
