@@ -20,7 +20,7 @@
 //! the export process is gone (its control pipe closes), and the export
 //! process stops when the holder is gone.
 
-use crate::common::{fail, open};
+use crate::common::{fail, open_export};
 use imgloop::{Error, ErrorKind, Result};
 use imgloop_fuse::loopdev::device_path;
 use imgloop_fuse::process::{self, StopSignals};
@@ -53,6 +53,11 @@ pub struct Args {
     /// Attach read-only: the device refuses writes.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
+    /// Attach an internal snapshot (ID or name, or
+    /// `snapshot.id=ID,snapshot.name=NAME`) read-only instead of the
+    /// current disk.
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// Scan the device for partitions (/dev/loopNpM).
     #[arg(short = 'P', long = "partscan")]
     partscan: bool,
@@ -189,10 +194,12 @@ fn needs_root() -> Error {
     )
 }
 
-pub fn run(a: Args) -> u8 {
+pub fn run(mut a: Args) -> u8 {
     if let Some(n) = a.loop_holder {
         return hold_loop_device(n);
     }
+    // A snapshot is attached read-only.
+    a.read_only |= a.snapshot.is_some();
     let result = if a.foreground {
         serve(&a)
     } else {
@@ -254,6 +261,9 @@ fn start_in_background(a: &Args) -> Result<u8> {
     if a.read_only {
         cmd.arg("-r");
     }
+    if let Some(l) = &a.snapshot {
+        cmd.arg("-l").arg(l);
+    }
     if a.partscan {
         cmd.arg("-P");
     }
@@ -309,7 +319,13 @@ fn serve(a: &Args) -> Result<u8> {
     process::set_io_flusher();
     // A write to a holder that died must fail, not kill this process.
     process::ignore_sigpipe();
-    let img = open(&image, a.format.as_deref(), a.read_only, false).map_err(|e| {
+    let img = open_export(
+        &image,
+        a.format.as_deref(),
+        a.read_only,
+        a.snapshot.as_deref(),
+    )
+    .map_err(|e| {
         if e.kind() == ErrorKind::InUse {
             Error::new(
                 ErrorKind::InUse,

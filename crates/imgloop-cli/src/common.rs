@@ -42,18 +42,45 @@ pub fn report(err: &Error) {
     }
 }
 
-/// Opens an image for a subcommand.
-pub fn open(
+/// The driver options for `-l SNAPSHOT` (convert, attach, fuse), as
+/// qemu-img reads it: `snapshot.id=ID,snapshot.name=NAME` (either or
+/// both), or an ID or name alone.
+pub fn snapshot_options(param: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    if param.starts_with("snapshot.") {
+        for (k, v) in parse_options(&[param.to_string()])? {
+            match k.as_str() {
+                "snapshot.id" | "snapshot.name" => {
+                    out.insert(k, v);
+                }
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "Invalid parameter '{k}' (-l takes snapshot.id and snapshot.name)"
+                    )))
+                }
+            }
+        }
+    } else {
+        out.insert("snapshot".to_string(), param.to_string());
+    }
+    Ok(out)
+}
+
+/// Opens an image for an export (attach, fuse), showing the internal
+/// snapshot `snapshot` (read-only) when one is named.
+pub fn open_export(
     path: &Path,
     format: Option<&str>,
     read_only: bool,
-    force_share: bool,
+    snapshot: Option<&str>,
 ) -> Result<Image> {
     let opts = OpenOptions {
         format: format.map(str::to_string),
-        read_only,
-        force_share,
-        // The command line follows what images name, as qemu-img does.
+        read_only: read_only || snapshot.is_some(),
+        driver_options: match snapshot {
+            Some(s) => snapshot_options(s)?,
+            None => BTreeMap::new(),
+        },
         policy: imgloop::FilePolicy::like_qemu_img(),
         ..Default::default()
     };

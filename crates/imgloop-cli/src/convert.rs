@@ -55,6 +55,10 @@ pub struct Args {
     /// layout then depends on thread timing).
     #[arg(short = 'W')]
     out_of_order: bool,
+    /// Copy an internal snapshot of the source instead of its current
+    /// disk: `snapshot.id=ID,snapshot.name=NAME`, or an ID or name.
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// Open the source without taking locks.
     #[arg(short = 'U', long)]
     force_share: bool,
@@ -159,7 +163,10 @@ fn plan_aligned(src: &Image, grid: u64) -> Result<Vec<Job>> {
 
 fn convert(a: &Args) -> Result<()> {
     let secrets = a.objects.secrets()?;
-    let spec = a.objects.spec(&a.source, a.format.as_deref())?;
+    let mut spec = a.objects.spec(&a.source, a.format.as_deref())?;
+    if let Some(l) = &a.snapshot {
+        spec.options.extend(crate::common::snapshot_options(l)?);
+    }
     let src = crate::common::open_with(
         &spec.path,
         &OpenOptions {

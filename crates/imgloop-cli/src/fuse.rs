@@ -1,6 +1,6 @@
 //! `imgloop fuse`: export an image's virtual disk as one regular file.
 
-use crate::common::{fail, open};
+use crate::common::{fail, open_export};
 use imgloop::Result;
 use imgloop_fuse::process::StopSignals;
 use imgloop_fuse::{Export, ExportOptions};
@@ -29,6 +29,11 @@ pub struct Args {
     /// Export read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
+    /// Export an internal snapshot (ID or name, or
+    /// `snapshot.id=ID,snapshot.name=NAME`) read-only instead of the
+    /// current disk.
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// Let other users access the file (FUSE allow_other).
     #[arg(long)]
     allow_other: bool,
@@ -52,9 +57,15 @@ fn serve(a: &Args) -> Result<()> {
     // Before any thread starts, so the stop signals reach `wait` below.
     let signals = StopSignals::block()?;
     imgloop_fuse::check_fuse_available()?;
-    let img = Arc::new(open(&a.image, a.format.as_deref(), a.read_only, false)?);
+    let read_only = a.read_only || a.snapshot.is_some();
+    let img = Arc::new(open_export(
+        &a.image,
+        a.format.as_deref(),
+        read_only,
+        a.snapshot.as_deref(),
+    )?);
     let opts = ExportOptions {
-        read_only: a.read_only,
+        read_only,
         allow_other: a.allow_other,
         threads: usize::from(a.threads),
         fs_name: format!("imgloop:{}", a.image.display()),

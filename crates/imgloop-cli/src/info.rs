@@ -113,29 +113,7 @@ fn print_human(img: &Image) {
         println!("cleanly shut down: no");
     }
     if !i.snapshots.is_empty() {
-        println!("Snapshot list:");
-        println!(
-            "{:<7} {:<17}{:>8} {:>19} {:>15} {:>10}",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
-        for sn in &i.snapshots {
-            let clock = sn.vm_clock_sec;
-            println!(
-                "{:<7} {:<17}{:>8} {:>19} {:>15} {:>10}",
-                sn.id,
-                sn.name,
-                human_size(sn.vm_state_size),
-                utc_date(sn.date_sec),
-                format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    clock / 3600,
-                    clock / 60 % 60,
-                    clock % 60,
-                    sn.vm_clock_nsec / 1_000_000
-                ),
-                sn.icount.map_or(String::new(), |c| c.to_string())
-            );
-        }
+        print_snapshot_list(&i.snapshots);
     }
     if let Some(fs) = &i.format_specific {
         let v = serde_json::to_value(fs).expect("plain data serializes");
@@ -247,6 +225,33 @@ fn utc_date(secs: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+/// Prints "Snapshot list:" and the table, columns as qemu-img prints them.
+pub fn print_snapshot_list(snapshots: &[imgloop::driver::SnapshotInfo]) {
+    println!("Snapshot list:");
+    println!(
+        "{:<7} {:<17}{:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snapshots {
+        let clock = sn.vm_clock_sec;
+        println!(
+            "{:<7} {:<17}{:>8} {:>19} {:>15} {:>10}",
+            sn.id,
+            sn.name,
+            human_size(sn.vm_state_size),
+            utc_date(sn.date_sec),
+            format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                clock / 3600,
+                clock / 60 % 60,
+                clock % 60,
+                sn.vm_clock_nsec / 1_000_000
+            ),
+            sn.icount.map_or(String::new(), |c| c.to_string())
+        );
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod list;
 mod map;
 mod objects;
 mod resize;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ enum Command {
     Check(check::Args),
     /// Change the virtual size of an image.
     Resize(resize::Args),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::Args),
     /// Run scripted I/O commands on an image (like qemu-io).
     Io(io::Args),
     /// Export an image's virtual disk as a regular file over FUSE.
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Map(a) => map::run(a),
         Command::Check(a) => check::run(a),
         Command::Resize(a) => resize::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
         Command::Io(a) => io::run(a),
         Command::Fuse(a) => fuse::run(a),
         Command::Attach(a) => attach::run(a),

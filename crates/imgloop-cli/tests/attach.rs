@@ -1206,3 +1206,61 @@ fn a_cow_file_over_a_filesystem_attaches_and_uml_moo_merges_what_was_written() {
     env.umount(&mnt);
     env.il(&["detach", &dev]).ok();
 }
+
+#[test]
+fn an_internal_snapshot_attaches_and_exports_read_only_as_it_was() {
+    let mut env = env_or_skip!();
+    let img = env.path("snap.qcow2");
+    env.il(&["create", "-q", "-f", "qcow2", s(&img), "16M"])
+        .ok();
+    imgloop_io("qcow2", &img, &["write -P 0x11 0 4M"]).ok();
+    env.il(&["snapshot", "-c", "before", s(&img)]).ok();
+    imgloop_io("qcow2", &img, &["write -P 0x22 1M 1M"]).ok();
+    let want = {
+        let out = env.path("want.raw");
+        qemu_img(&["convert", "-l", "before", "-O", "raw", s(&img), s(&out)]).ok();
+        std::fs::read(&out).unwrap()
+    };
+    let image_before = std::fs::read(&img).unwrap();
+    // attach -l: the snapshot as a read-only block device.
+    let dev = env.attach(&["-l", "before", s(&img)]);
+    assert_eq!(sysfs(&dev, "ro").as_deref(), Some("1"));
+    assert!(
+        std::fs::read(&dev).unwrap() == want,
+        "attach -l reads differ"
+    );
+    let refused = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &[0u8; 4096]).and_then(|_| f.sync_all())
+        });
+    assert!(refused.is_err(), "a write to the snapshot device succeeded");
+    assert_eq!(env.entry(&dev)["read-only"], true);
+    env.il(&["detach", &dev]).ok();
+    // fuse -l, by ID.
+    let file = env.path("snap-export.raw");
+    std::fs::write(&file, b"").unwrap();
+    let idx = start_fuse(
+        &mut env,
+        &["-l", "1", s(&img), s(&file)],
+        &file,
+        &file,
+        16 << 20,
+    );
+    assert!(
+        std::fs::read(&file).unwrap() == want,
+        "fuse -l reads differ"
+    );
+    assert!(std::fs::OpenOptions::new().write(true).open(&file).is_err());
+    stop_fuse(&mut env, idx, &file);
+    assert!(
+        std::fs::read(&img).unwrap() == image_before,
+        "a snapshot export changed the image"
+    );
+    // A snapshot that is not there: a one-line error, nothing attached.
+    let r = env.il(&["attach", "-l", "nope", s(&img)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("nope"), "{}", r.stderr);
+    assert!(env.list().is_empty());
+}

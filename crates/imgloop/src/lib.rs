@@ -39,7 +39,7 @@ pub mod testkit;
 
 pub use driver::{
     BlockStatus, CheckReport, CreateOptions, Driver, Format, Mapping, Preallocation, RepairMode,
-    StorageId, WriteFlags, ZeroFlags,
+    SnapshotSelector, StorageId, WriteFlags, ZeroFlags,
 };
 pub use error::{Condition, Error, ErrorKind, Result};
 pub use image::{create, Image, ImageInfo, OpenOptions};

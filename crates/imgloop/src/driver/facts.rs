@@ -197,6 +197,33 @@ pub struct SnapshotInfo {
     pub icount: Option<u64>,
 }
 
+/// Which internal snapshot an operation means. With both set, both must
+/// match (qemu's rule for `snapshot.id=…,snapshot.name=…`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotSelector {
+    /// The snapshot's ID.
+    pub id: Option<String>,
+    /// The snapshot's name (tag).
+    pub name: Option<String>,
+}
+
+impl SnapshotSelector {
+    /// The snapshot with this name.
+    pub fn by_name(name: &str) -> Self {
+        SnapshotSelector {
+            id: None,
+            name: Some(name.to_string()),
+        }
+    }
+
+    /// True when a snapshot with `id` and `name` is the one meant.
+    pub fn matches(&self, id: &str, name: &str) -> bool {
+        (self.id.is_some() || self.name.is_some())
+            && self.id.as_deref().is_none_or(|i| i == id)
+            && self.name.as_deref().is_none_or(|n| n == name)
+    }
+}
+
 /// Repair modes of `check -r`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RepairMode {

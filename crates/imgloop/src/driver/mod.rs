@@ -25,7 +25,7 @@ mod mapping;
 pub use facts::{
     BackingRef, BitmapSpecific, CheckReport, CreateOptions, DriverInfo, DriverOpenOptions,
     FormatSpecific, OptionSpec, ParallelsBitmap, ParallelsSpecific, Preallocation, Qcow2Specific,
-    RepairMode, SnapshotInfo, VhdxSpecific,
+    RepairMode, SnapshotInfo, SnapshotSelector, VhdxSpecific,
 };
 pub use mapping::{
     Allocation, BlockStatus, Commit, DiscardAction, DiscardMapping, Fill, Mapping, StorageId,
@@ -255,6 +255,37 @@ pub trait Driver: Send + Sync {
         Err(Error::unsupported(
             "This image format does not support checks",
         ))
+    }
+
+    /// Takes an internal snapshot named `name` (the image is quiesced
+    /// and writable).
+    fn snapshot_create(&self, name: &str) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Could not create snapshot '{name}': Operation not supported"
+        )))
+    }
+
+    /// Reverts the disk to the internal snapshot whose ID, else name, is
+    /// `key`; the virtual size becomes the snapshot's.
+    fn snapshot_apply(&self, key: &str) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Could not apply snapshot '{key}': Operation not supported"
+        )))
+    }
+
+    /// True when the image was opened to show an internal snapshot (the
+    /// `snapshot`, `snapshot.id`, `snapshot.name` open options) instead of
+    /// the current disk.
+    fn shows_snapshot(&self) -> bool {
+        false
+    }
+
+    /// Deletes the internal snapshot `sel` names.
+    fn snapshot_delete(&self, sel: &SnapshotSelector) -> Result<()> {
+        let what = sel.name.as_deref().or(sel.id.as_deref()).unwrap_or("");
+        Err(Error::unsupported(format!(
+            "Could not delete snapshot '{what}': Operation not supported"
+        )))
     }
 
     /// Called when the image switches between read-only and read-write

@@ -282,6 +282,29 @@ impl Image {
             .map_err(|e| self.err(e))
     }
 
+    /// Takes an internal snapshot named `name` of the disk as it is now
+    /// (qcow2). Writes in flight finish first.
+    pub fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.check_writable("snapshot")?;
+        let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.driver.snapshot_create(name).map_err(|e| self.err(e))
+    }
+
+    /// Reverts the disk to the internal snapshot whose ID, else name, is
+    /// `key` (its content and its virtual size).
+    pub fn snapshot_apply(&self, key: &str) -> Result<()> {
+        self.check_writable("snapshot")?;
+        let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.driver.snapshot_apply(key).map_err(|e| self.err(e))
+    }
+
+    /// Deletes the internal snapshot `sel` names.
+    pub fn snapshot_delete(&self, sel: &crate::driver::SnapshotSelector) -> Result<()> {
+        self.check_writable("snapshot")?;
+        let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.driver.snapshot_delete(sel).map_err(|e| self.err(e))
+    }
+
     /// Checks the image's metadata; with `repair`, fixes what it can.
     pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
         if repair.is_some() {

@@ -81,6 +81,7 @@ impl Image {
         let name = storage.describe();
         let (fmt, probed) = pick_format(&*storage, format, Path::new(&name))?;
         let driver = fmt.open(storage, dopts)?;
+        check_snapshot_view(&*driver, dopts)?;
         let backing_ref = driver.backing();
         Ok(Image {
             driver,
@@ -142,6 +143,7 @@ impl Image {
             secrets: opts.secrets.clone(),
         };
         let driver = fmt.open(storage, &dopts).map_err(|e| e.in_file(path))?;
+        check_snapshot_view(&*driver, &dopts).map_err(|e| e.in_file(path))?;
         // The other files of the image (data files) are locked like it.
         for s in &driver.storages()[1..] {
             if let Some(p) = s.path() {
@@ -421,4 +423,18 @@ fn set_nocow(file: &std::fs::File) {
     // SAFETY: FS_IOC_SETFLAGS reads one long through the pointer, a live
     // local; the result is only advisory.
     let _ = unsafe { libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags) };
+}
+
+/// A request to open an internal snapshot that the format does not
+/// understand is an error, not the current disk shown instead.
+fn check_snapshot_view(driver: &dyn crate::Driver, dopts: &DriverOpenOptions) -> Result<()> {
+    let asked = ["snapshot", "snapshot.id", "snapshot.name"]
+        .iter()
+        .any(|k| dopts.options.contains_key(*k));
+    if asked && !driver.shows_snapshot() {
+        return Err(Error::unsupported(
+            "Failed to load snapshot: Operation not supported",
+        ));
+    }
+    Ok(())
 }

@@ -31,6 +31,9 @@ enum Change {
 struct Log {
     changes: Vec<Change>,
     syncs: u64,
+    /// With [`CrashStorage::start_capture`]: the power-cut states seen so
+    /// far (every prefix of the write stream between syncs).
+    captured: Option<Vec<MemStorage>>,
 }
 
 /// See the module documentation. Clones share the same bytes.
@@ -146,6 +149,35 @@ impl CrashStorage {
         out
     }
 
+    /// From now on, records every state a power cut could leave with the
+    /// write stream cut at one point (each prefix of the changes between
+    /// two syncs), for tests of operations that sync several times, where
+    /// a crash may come between any two of them. Ends with
+    /// [`take_captured`](CrashStorage::take_captured).
+    pub fn start_capture(&self) {
+        self.log().captured = Some(Vec::new());
+    }
+
+    /// The states recorded since [`start_capture`](CrashStorage::start_capture),
+    /// the prefixes of the changes not yet synced included; stops recording.
+    pub fn take_captured(&self) -> Vec<MemStorage> {
+        let mut log = self.log();
+        let mut out = log.captured.take().unwrap_or_default();
+        let base = MemStorage::from_bytes(&self.durable.to_vec());
+        Self::prefixes_into(&base, &log.changes, &mut out);
+        out
+    }
+
+    fn prefixes_into(durable: &MemStorage, changes: &[Change], out: &mut Vec<MemStorage>) {
+        let state = MemStorage::from_bytes(&durable.to_vec());
+        out.push(MemStorage::from_bytes(&state.to_vec()));
+        for c in changes {
+            // In memory: errors cannot happen below the storage's limit.
+            let _ = apply_change(&state, c);
+            out.push(MemStorage::from_bytes(&state.to_vec()));
+        }
+    }
+
     /// How many syncs reached this storage.
     pub fn syncs(&self) -> u64 {
         self.log().syncs
@@ -195,6 +227,10 @@ impl Storage for CrashStorage {
 
     fn sync(&self) -> io::Result<()> {
         let mut log = self.log();
+        if let Some(mut captured) = log.captured.take() {
+            Self::prefixes_into(&self.durable, &log.changes, &mut captured);
+            log.captured = Some(captured);
+        }
         for c in std::mem::take(&mut log.changes) {
             apply_change(&self.durable, &c)?;
         }

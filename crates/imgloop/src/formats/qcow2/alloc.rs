@@ -19,7 +19,7 @@ impl Qcow2 {
         self.cluster_size * 8 / tables.header.refcount_bits() as u64
     }
 
-    fn rc_max(&self, tables: &Tables) -> u64 {
+    pub(crate) fn rc_max(&self, tables: &Tables) -> u64 {
         let bits = tables.header.refcount_bits();
         if bits == 64 {
             u64::MAX

@@ -41,6 +41,9 @@ mod mapping;
 mod open;
 mod resize;
 mod snapshot;
+mod snapshot_ops;
+#[cfg(test)]
+mod snapshot_tests;
 mod tables;
 mod write;
 
@@ -264,6 +267,8 @@ pub struct Qcow2 {
     /// once, on the first block status query; see
     /// [`Qcow2::metadata_preallocated`]).
     pub(crate) metadata_prealloc: OnceLock<bool>,
+    /// Opened read-only to show an internal snapshot.
+    pub(crate) snapshot_view: bool,
 }
 
 impl Qcow2 {
@@ -412,6 +417,22 @@ impl Driver for Qcow2 {
             self.flush_meta()?;
         }
         self.check_image(repair)
+    }
+
+    fn snapshot_create(&self, name: &str) -> Result<()> {
+        self.create_snapshot(name)
+    }
+
+    fn snapshot_apply(&self, key: &str) -> Result<()> {
+        self.apply_snapshot(key)
+    }
+
+    fn shows_snapshot(&self) -> bool {
+        self.snapshot_view
+    }
+
+    fn snapshot_delete(&self, sel: &crate::driver::SnapshotSelector) -> Result<()> {
+        self.delete_snapshot(sel)
     }
 
     fn set_read_only(&self, read_only: bool) -> Result<()> {

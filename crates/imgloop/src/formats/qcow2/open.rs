@@ -142,7 +142,27 @@ impl Qcow2 {
             units: UnitLocks::new(),
             decompressed: Mutex::new(None),
             metadata_prealloc: OnceLock::new(),
+            snapshot_view: false,
         };
+        let view = ["snapshot", "snapshot.id", "snapshot.name"]
+            .iter()
+            .any(|k| opts.options.contains_key(*k));
+        let mut image = image;
+        image.snapshot_view = view;
+        if view {
+            if !read_only {
+                return Err(Error::invalid_argument(
+                    "an internal snapshot opens read-only (as qemu-img's -l does)",
+                ));
+            }
+            image.load_snapshot_view(
+                opts.options.get("snapshot").map(String::as_str),
+                &crate::driver::SnapshotSelector {
+                    id: opts.options.get("snapshot.id").cloned(),
+                    name: opts.options.get("snapshot.name").cloned(),
+                },
+            )?;
+        }
         if !read_only && !for_check {
             image.prepare_for_writing()?;
         }

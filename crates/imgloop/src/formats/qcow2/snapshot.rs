@@ -1,4 +1,5 @@
-//! The internal snapshot table (read side: for check and info).
+//! The internal snapshot table: reading it (as QEMU reads it, for open,
+//! check and info) and encoding a new one (for `snapshot_ops`).
 
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -29,6 +30,96 @@ pub struct Snapshot {
     pub vm_state_size: u64,
     /// Instruction count at creation (extra data bytes 16..24), if recorded.
     pub icount: Option<u64>,
+    /// Virtual disk size when the snapshot was taken (extra data bytes
+    /// 8..16), if recorded.
+    pub disk_size: Option<u64>,
+    /// The ID as stored (the table is rewritten from these bytes, so IDs
+    /// that are not UTF-8 survive).
+    pub raw_id: Vec<u8>,
+    /// The name as stored.
+    pub raw_name: Vec<u8>,
+    /// The 32-bit VM state size field of the fixed part.
+    pub vm_state_size_low: u32,
+    /// The extra data as stored, known fields and all (kept, unknown
+    /// parts included, when the table is rewritten).
+    pub extra: Vec<u8>,
+}
+
+/// Bytes of the extra data imgloop writes for a new snapshot (VM state
+/// size, disk size, instruction count), as QEMU writes it.
+pub const EXTRA_BYTES: usize = 24;
+
+impl Snapshot {
+    /// A new entry for a snapshot of a disk of `disk_size` bytes whose L1
+    /// copy of `l1_size` entries is at `l1_table_offset`, taken now.
+    pub fn new(
+        id: String,
+        name: String,
+        l1_table_offset: u64,
+        l1_size: u32,
+        disk_size: u64,
+    ) -> Snapshot {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut extra = vec![0u8; EXTRA_BYTES];
+        // VM state size 0 (no VM state: a disk-only snapshot), the disk
+        // size, instruction count 0 (what qemu-img records).
+        extra[8..16].copy_from_slice(&disk_size.to_be_bytes());
+        Snapshot {
+            l1_table_offset,
+            l1_size,
+            raw_id: id.as_bytes().to_vec(),
+            raw_name: name.as_bytes().to_vec(),
+            id,
+            name,
+            date_sec: now.as_secs().min(u32::MAX as u64) as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            icount: Some(0),
+            disk_size: Some(disk_size),
+            vm_state_size_low: 0,
+            extra,
+        }
+    }
+
+    /// Bytes of this entry in a table, padding to 8 included.
+    pub fn encoded_len(&self) -> u64 {
+        ((40 + self.extra.len() + self.raw_id.len() + self.raw_name.len()) as u64).div_ceil(8) * 8
+    }
+}
+
+/// Encodes a snapshot table (entries padded to multiples of 8).
+pub fn encode_table(entries: &[Snapshot]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for s in entries {
+        let too_long = |what: &str| {
+            Error::invalid_argument(format!("snapshot {what} is longer than 65535 bytes"))
+        };
+        let id_len = u16::try_from(s.raw_id.len()).map_err(|_| too_long("ID"))?;
+        let name_len = u16::try_from(s.raw_name.len()).map_err(|_| too_long("name"))?;
+        let start = out.len();
+        out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&s.l1_size.to_be_bytes());
+        out.extend_from_slice(&id_len.to_be_bytes());
+        out.extend_from_slice(&name_len.to_be_bytes());
+        out.extend_from_slice(&s.date_sec.to_be_bytes());
+        out.extend_from_slice(&s.date_nsec.to_be_bytes());
+        out.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+        out.extend_from_slice(&s.vm_state_size_low.to_be_bytes());
+        out.extend_from_slice(&(s.extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&s.extra);
+        out.extend_from_slice(&s.raw_id);
+        out.extend_from_slice(&s.raw_name);
+        out.resize(start + s.encoded_len() as usize, 0);
+    }
+    if out.len() as u64 > MAX_TABLE_BYTES {
+        return Err(Error::invalid_argument(
+            "the snapshot table would be larger than 64 MiB",
+        ));
+    }
+    Ok(out)
 }
 
 /// Byte range of the table plus the parsed entries.
@@ -119,13 +210,20 @@ pub fn read_table(storage: &dyn Storage, offset: u64, count: u32) -> Result<Snap
                 .trim_end_matches('\0')
                 .to_string()
         };
-        let id = text(&rest[extra as usize..extra as usize + id_len]);
-        let name = text(&rest[extra as usize + id_len..]);
+        let raw_id = rest[extra as usize..extra as usize + id_len].to_vec();
+        let raw_name = rest[extra as usize + id_len..].to_vec();
+        let id = text(&raw_id);
+        let name = text(&raw_name);
         entries.push(Snapshot {
             l1_table_offset: be64(&h, 0),
             l1_size: be32(&h, 8),
             id,
             name,
+            raw_id,
+            raw_name,
+            vm_state_size_low: be32(&h, 32),
+            disk_size: (extra >= 16).then(|| be64(ex, 8)),
+            extra: ex.to_vec(),
             date_sec: be32(&h, 16),
             date_nsec: be32(&h, 20),
             vm_clock_nsec: be64(&h, 24),

@@ -94,7 +94,7 @@ impl Qcow2 {
     }
 
     /// Decodes slot `i2` of the L2 table at `l2`.
-    fn decode(&self, table: &[u8], l2: u64, i2: usize) -> Result<(Cluster, u64)> {
+    pub(crate) fn decode(&self, table: &[u8], l2: u64, i2: usize) -> Result<(Cluster, u64)> {
         let (e, bitmap) = self.l2_get(table, i2);
         let c = entry::decode_in(
             e,

@@ -48,7 +48,7 @@ struct DataUpdate {
 }
 
 impl Qcow2 {
-    fn check_writable(&self, tables: &Tables) -> Result<()> {
+    pub(crate) fn check_writable(&self, tables: &Tables) -> Result<()> {
         if tables.corrupt {
             return Err(
                 Error::new(ErrorKind::Corrupt, "the image is marked corrupt")
