@@ -80,9 +80,18 @@ pub struct Args {
     /// Threads serving the export.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
-    /// The image file.
+    /// `--object` (secrets, e.g. the key of an encrypted image; the export
+    /// process gets them through its environment, not its command line)
+    /// and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
+    /// The image file (or image options with `--image-opts`).
     image: PathBuf,
 }
+
+/// The environment variable that hands `--object` definitions to the
+/// export process (one per line).
+const OBJECTS_ENV: &str = "IMGLOOP_ATTACH_OBJECTS";
 
 /// What `RUN_DIR/loopN.json` records about one attached image.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -200,6 +209,15 @@ pub fn run(mut a: Args) -> u8 {
     }
     // A snapshot is attached read-only.
     a.read_only |= a.snapshot.is_some();
+    // The export process gets the secrets through its environment.
+    if a.daemon {
+        if let Some(v) = std::env::var_os(OBJECTS_ENV) {
+            std::env::remove_var(OBJECTS_ENV);
+            a.objects
+                .objects
+                .extend(v.to_string_lossy().lines().map(str::to_string));
+        }
+    }
     let result = if a.foreground {
         serve(&a)
     } else {
@@ -216,14 +234,15 @@ fn preflight(a: &Args) -> Result<PathBuf> {
     if !process::is_root() {
         return Err(needs_root());
     }
-    let image = std::fs::canonicalize(&a.image)
-        .map_err(|e| Error::io("could not open", e).in_file(&a.image))?;
+    let spec = a.objects.spec(&a.image, a.format.as_deref())?;
+    let image = std::fs::canonicalize(&spec.path)
+        .map_err(|e| Error::io("could not open", e).in_file(&spec.path))?;
     // A Parallels disk bundle (a directory) attaches as its top image.
     let bundle = imgloop::formats::parallels::bundle::Bundle::is_bundle(&image);
     if image.is_dir() && !bundle {
         return Err(Error::invalid_argument("is a directory, not an image file").in_file(&a.image));
     }
-    if let Some(f) = &a.format {
+    if let Some(f) = &spec.format {
         imgloop::registry::find(f).map_err(|e| e.in_file(&a.image))?;
     }
     imgloop_fuse::check_fuse_available()?;
@@ -274,7 +293,16 @@ fn start_in_background(a: &Args) -> Result<u8> {
         cmd.arg("--direct-io");
     }
     cmd.arg("--threads").arg(a.threads.to_string());
-    cmd.arg("--").arg(&image);
+    if a.objects.image_opts {
+        // The options as given, with the file name made absolute.
+        cmd.arg("--image-opts");
+        cmd.arg("--").arg(image_opts_with_path(&a.image, &image));
+    } else {
+        cmd.arg("--").arg(&image);
+    }
+    if !a.objects.objects.is_empty() {
+        cmd.env(OBJECTS_ENV, a.objects.objects.join("\n"));
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -319,11 +347,17 @@ fn serve(a: &Args) -> Result<u8> {
     process::set_io_flusher();
     // A write to a holder that died must fail, not kill this process.
     process::ignore_sigpipe();
+    let arg = if a.objects.image_opts {
+        a.image.clone()
+    } else {
+        image.clone()
+    };
     let img = open_export(
-        &image,
+        &arg,
         a.format.as_deref(),
         a.read_only,
         a.snapshot.as_deref(),
+        &a.objects,
     )
     .map_err(|e| {
         if e.kind() == ErrorKind::InUse {
@@ -531,4 +565,38 @@ pub fn as_device(arg: &Path) -> Option<String> {
     let is_dev =
         arg.starts_with("/dev") || std::fs::canonicalize(arg).is_ok_and(|p| p.starts_with("/dev"));
     is_dev.then(|| device_path(n).display().to_string())
+}
+
+/// The `--image-opts` argument `opts` with its file name replaced by the
+/// absolute `path` (the export process resolves nothing relative).
+fn image_opts_with_path(opts: &std::path::Path, path: &std::path::Path) -> String {
+    let text = opts.to_string_lossy();
+    let mut out = Vec::new();
+    let mut rest = text.as_ref();
+    // Split on single commas (",," is a literal comma).
+    let mut cur = String::new();
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
+        if c == ',' {
+            if rest.starts_with(',') {
+                cur.push_str(",,");
+                rest = &rest[1..];
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    let name = path.to_string_lossy().replace(',', ",,");
+    out.iter()
+        .map(|item| match item.split_once('=') {
+            Some((k, _)) if matches!(k, "file.filename" | "filename" | "file") => {
+                format!("{k}={name}")
+            }
+            _ => item.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -45,6 +45,10 @@ pub struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
+    /// Source cache mode (accepted for qemu-img compatibility; imgloop
+    /// reads through the page cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    source_cache: Option<String>,
     /// Open without taking locks (only without -r).
     #[arg(short = 'U', long)]
     force_share: bool,
@@ -134,6 +138,11 @@ fn fail(e: &imgloop::Error) -> u8 {
 }
 
 pub fn run(a: Args) -> u8 {
+    if let Some(c) = &a.source_cache {
+        if let Err(e) = crate::common::check_cache_mode(c) {
+            return crate::common::fail(&e);
+        }
+    }
     let repair = a.repair.map(|r| match r {
         Repair::Leaks => RepairMode::Leaks,
         Repair::All => RepairMode::All,

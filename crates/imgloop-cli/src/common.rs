@@ -18,6 +18,16 @@ pub enum Output {
     Json,
 }
 
+/// Checks a qemu-img cache mode name (`-t`, `-T`).
+pub fn check_cache_mode(mode: &str) -> Result<()> {
+    match mode {
+        "none" | "writeback" | "writethrough" | "directsync" | "unsafe" => Ok(()),
+        other => Err(Error::invalid_argument(format!(
+            "Invalid source cache option: {other}"
+        ))),
+    }
+}
+
 /// Prints an error as one line on stderr and returns exit code 1.
 pub fn fail(err: &Error) -> u8 {
     report(err);
@@ -66,25 +76,30 @@ pub fn snapshot_options(param: &str) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// Opens an image for an export (attach, fuse), showing the internal
-/// snapshot `snapshot` (read-only) when one is named.
+/// Opens an image for an export (attach, fuse): the image argument `arg`
+/// (a file, or image options with `--image-opts`), with the secrets
+/// `--object` defines, showing the internal snapshot `snapshot`
+/// (read-only) when one is named.
 pub fn open_export(
-    path: &Path,
+    arg: &Path,
     format: Option<&str>,
     read_only: bool,
     snapshot: Option<&str>,
+    objects: &crate::objects::ObjectArgs,
 ) -> Result<Image> {
+    let mut spec = objects.spec(arg, format)?;
+    if let Some(s) = snapshot {
+        spec.options.extend(snapshot_options(s)?);
+    }
     let opts = OpenOptions {
-        format: format.map(str::to_string),
+        format: spec.format,
         read_only: read_only || snapshot.is_some(),
-        driver_options: match snapshot {
-            Some(s) => snapshot_options(s)?,
-            None => BTreeMap::new(),
-        },
+        driver_options: spec.options,
+        secrets: objects.secrets()?,
         policy: imgloop::FilePolicy::like_qemu_img(),
         ..Default::default()
     };
-    open_with(path, &opts)
+    open_with(&spec.path, &opts)
 }
 
 /// Opens the image an argument names (a file, or image options with

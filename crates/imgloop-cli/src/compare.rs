@@ -37,6 +37,10 @@ pub struct Args {
     /// Show progress.
     #[arg(short = 'p', long)]
     progress: bool,
+    /// Source cache mode (accepted for qemu-img compatibility; imgloop
+    /// reads through the page cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    source_cache: Option<String>,
     /// Open without taking locks (the images may be in use).
     #[arg(short = 'U', long)]
     force_share: bool,
@@ -61,7 +65,12 @@ pub fn run(a: Args) -> u8 {
     let open = |file: &PathBuf, format: &Option<String>| {
         open_image(file, format.as_deref(), true, a.force_share, &a.objects)
     };
-    let result = open(&a.a, &a.format_a)
+    let cache_ok = match &a.source_cache {
+        Some(c) => crate::common::check_cache_mode(c),
+        None => Ok(()),
+    };
+    let result = cache_ok
+        .and_then(|_| open(&a.a, &a.format_a))
         .and_then(|ia| Ok((ia, open(&a.b, &a.format_b)?)))
         .and_then(|(ia, ib)| compare(&ia, &ib, &a));
     match result {

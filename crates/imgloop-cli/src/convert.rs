@@ -59,6 +59,21 @@ pub struct Args {
     /// disk: `snapshot.id=ID,snapshot.name=NAME`, or an ID or name.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
+    /// Create the target with this backing file (as `-o backing_file=`):
+    /// only what differs from it is written.
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the `-B` backing file.
+    #[arg(short = 'F', value_name = "FMT")]
+    backing_format: Option<String>,
+    /// The existing target (`-n`) already reads as zeroes: zero ranges
+    /// are not written.
+    #[arg(long)]
+    target_is_zero: bool,
+    /// Source cache mode (accepted for qemu-img compatibility; imgloop
+    /// reads through the page cache).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    source_cache: Option<String>,
     /// Open the source without taking locks.
     #[arg(short = 'U', long)]
     force_share: bool,
@@ -192,7 +207,34 @@ fn convert(a: &Args) -> Result<()> {
         Some(s) => parse_size(s)?,
         None => 4096,
     };
-    let options = parse_options(&a.options)?;
+    let mut options = parse_options(&a.options)?;
+    if let Some(c) = &a.source_cache {
+        crate::common::check_cache_mode(c)?;
+    }
+    if let Some(b) = &a.backing {
+        options.insert("backing_file".into(), b.clone());
+        match &a.backing_format {
+            Some(f) => {
+                options.insert("backing_fmt".into(), f.clone());
+            }
+            None if !options.contains_key("backing_fmt") => {
+                return Err(Error::invalid_argument(
+                    "Use of backing file requires explicit backing format",
+                ))
+            }
+            None => {}
+        }
+    } else if a.backing_format.is_some() {
+        options.insert(
+            "backing_fmt".into(),
+            a.backing_format.clone().unwrap_or_default(),
+        );
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(Error::invalid_argument(
+            "--target-is-zero requires use of -n flag",
+        ));
+    }
     // The target must not be a file the source reads: creating it would
     // truncate the source (or its backing or data file), and writing it
     // would overwrite data still to be copied.
@@ -249,7 +291,7 @@ fn convert(a: &Args) -> Result<()> {
         );
     }
     // A freshly created image reads as zeroes: zero ranges need no writes.
-    let target_zero = !a.no_create && dst.backing().is_none();
+    let target_zero = (!a.no_create || a.target_is_zero) && dst.backing().is_none();
     let copy_offload = src.format() == "raw"
         && dst.format() == "raw"
         && !a.compress

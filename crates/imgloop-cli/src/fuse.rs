@@ -40,6 +40,9 @@ pub struct Args {
     /// Threads serving requests.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+    /// `--object` and `--image-opts`.
+    #[command(flatten)]
+    objects: crate::objects::ObjectArgs,
     /// The image file.
     image: PathBuf,
     /// Where the file appears: an existing regular file or directory.
@@ -63,6 +66,7 @@ fn serve(a: &Args) -> Result<()> {
         a.format.as_deref(),
         read_only,
         a.snapshot.as_deref(),
+        &a.objects,
     )?);
     let opts = ExportOptions {
         read_only,

@@ -1,6 +1,6 @@
 //! `imgloop info`.
 
-use crate::common::{fail, open_image_with, print_json, Output};
+use crate::common::{fail, print_json, Output};
 use imgloop::size::human_size;
 use imgloop::{Image, ImageInfo};
 use serde::Serialize;
@@ -172,13 +172,28 @@ pub fn run(a: Args) -> u8 {
     } else {
         imgloop::FilePolicy::like_qemu_img().without_backing()
     };
-    let img = match open_image_with(
-        &a.file,
-        a.format.as_deref(),
-        (true, a.force_share),
-        &a.objects,
-        policy,
-    ) {
+    // The metadata only: an encrypted image opens without its key, as
+    // in qemu-img.
+    let opened = a
+        .objects
+        .spec(&a.file, a.format.as_deref())
+        .and_then(|mut spec| {
+            spec.options.insert(
+                imgloop::formats::qcow2::OPEN_METADATA_ONLY.to_string(),
+                "on".to_string(),
+            );
+            let opts = imgloop::OpenOptions {
+                format: spec.format,
+                read_only: true,
+                force_share: a.force_share,
+                driver_options: spec.options,
+                secrets: a.objects.secrets()?,
+                policy,
+                ..Default::default()
+            };
+            crate::common::open_with(&spec.path, &opts)
+        });
+    let img = match opened {
         Ok(i) => i,
         Err(e) => return fail(&e),
     };

@@ -1,7 +1,9 @@
 //! `imgloop`: a qemu-img-compatible command line for virtual-disk images.
 
+mod amend;
 mod attach;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -13,7 +15,9 @@ mod info;
 mod io;
 mod list;
 mod map;
+mod measure;
 mod objects;
+mod rebase;
 mod resize;
 mod snapshot;
 
@@ -43,6 +47,14 @@ Examples:
 enum Command {
     /// Show information about an image.
     Info(info::Args),
+    /// Change options of an existing image in place.
+    Amend(amend::Args),
+    /// Compute how large a new image would be.
+    Measure(measure::Args),
+    /// Give an image a new backing file (copying what differs).
+    Rebase(rebase::Args),
+    /// Write an image's data into its backing file.
+    Commit(commit::Args),
     /// Create a new image.
     Create(create::Args),
     /// Copy an image, possibly into another format.
@@ -90,6 +102,10 @@ fn main() -> ExitCode {
         Command::Map(a) => map::run(a),
         Command::Check(a) => check::run(a),
         Command::Resize(a) => resize::run(a),
+        Command::Amend(a) => amend::run(a),
+        Command::Measure(a) => measure::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
         Command::Snapshot(a) => snapshot::run(a),
         Command::Io(a) => io::run(a),
         Command::Fuse(a) => fuse::run(a),

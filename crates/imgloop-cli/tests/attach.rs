@@ -1264,3 +1264,81 @@ fn an_internal_snapshot_attaches_and_exports_read_only_as_it_was() {
     assert!(r.stderr.contains("nope"), "{}", r.stderr);
     assert!(env.list().is_empty());
 }
+
+#[test]
+fn an_encrypted_image_attaches_with_its_secret_given_once() {
+    let env = env_or_skip!();
+    let img = env.path("enc.qcow2");
+    let pass = "attach-Secret-9";
+    let obj = format!("secret,id=sec0,data={pass}");
+    env.il(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        &obj,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        s(&img),
+        "16M",
+    ])
+    .ok();
+    let opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        s(&img)
+    );
+    let r = std::process::Command::new("qemu-io")
+        .args([
+            "--object",
+            &obj,
+            "--image-opts",
+            "-c",
+            "write -P 0x77 1M 1M",
+            &opts,
+        ])
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    // Without the secret: a one-line error, nothing attached.
+    let r = env.il(&["attach", s(&img)]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("encrypt.key-secret"), "{}", r.stderr);
+    let dev = env.attach(&["--object", &obj, "--image-opts", &opts]);
+    // The secret is not on the export process's command line.
+    let pid = env.pid_of(&dev);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!cmdline.windows(pass.len()).any(|w| w == pass.as_bytes()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(1 << 20)).unwrap();
+    f.read_exact(&mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0x77), "decrypted data differs");
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(4 << 20)).unwrap();
+    std::io::Write::write_all(&mut f, &[0x88u8; 65536]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    env.il(&["detach", &dev]).ok();
+    let r = std::process::Command::new("qemu-io")
+        .args([
+            "--object",
+            &obj,
+            "--image-opts",
+            "-c",
+            "read -P 0x88 4M 64k",
+            &opts,
+        ])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stdout));
+    assert!(!String::from_utf8_lossy(&r.stdout).contains("Pattern verification failed"));
+    let file = std::fs::read(&img).unwrap();
+    assert!(
+        !file.windows(64).any(|w| w.iter().all(|&b| b == 0x88)),
+        "plaintext on disk"
+    );
+}

@@ -484,3 +484,85 @@ fn dd_copies_what_qemu_img_dd_copies_with_its_messages() {
         );
     }
 }
+
+#[test]
+fn convert_backing_target_is_zero_and_cache_flags_behave_as_in_qemu_img() {
+    let sc = Scratch::new();
+    let base = sc.path("cb.raw");
+    let src = sc.path("cs.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&base), "4M"]).ok();
+    qemu_io("raw", &base, &["write -P 1 0 4M"]).ok();
+    std::fs::copy(&base, &src).unwrap();
+    qemu_io("raw", &src, &["write -P 2 1M 1M"]).ok();
+    // -B with -F: the target names the backing file and reads as the source.
+    let out = sc.path("co.qcow2");
+    imgloop(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        s(&base),
+        "-F",
+        "raw",
+        s(&src),
+        s(&out),
+    ])
+    .ok();
+    let info = qemu_img(&["info", "--output=json", s(&out)]).json();
+    assert_eq!(info["backing-filename"], s(&base));
+    assert_eq!(info["backing-filename-format"], "raw");
+    let r = qemu_img(&["compare", "-F", "raw", s(&out), s(&src)]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    // Refusals with qemu-img's words and codes.
+    let x = sc.path("x.raw");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["convert", "-O", "qcow2", "-B", s(&base), s(&src), s(&out)],
+            "requires explicit backing format",
+        ),
+        (
+            &["convert", "--target-is-zero", "-O", "raw", s(&src), s(&x)],
+            "--target-is-zero requires use of -n flag",
+        ),
+        (
+            &["convert", "-T", "bogus", "-O", "raw", s(&src), s(&x)],
+            "Invalid source cache option: bogus",
+        ),
+        (
+            &["check", "-T", "bogus", s(&out)],
+            "Invalid source cache option: bogus",
+        ),
+    ];
+    for (args, want) in cases {
+        let q = qemu_img(args);
+        let i = imgloop(args);
+        assert_eq!((i.code, q.code), (1, 1), "{args:?}: {}", i.stderr);
+        assert!(i.stderr.contains(want), "{args:?}: {}", i.stderr);
+    }
+    let q = qemu_img(&["compare", "-T", "bogus", s(&out), s(&src)]);
+    let i = imgloop(&["compare", "-T", "bogus", s(&out), s(&src)]);
+    assert_eq!((i.code, q.code), (2, 2));
+    // -T with a valid mode changes nothing.
+    assert_eq!(
+        imgloop(&["compare", "-T", "none", "-F", "raw", s(&out), s(&src)]).code,
+        0
+    );
+    assert_eq!(imgloop(&["check", "-T", "writeback", s(&out)]).code, 0);
+    // --target-is-zero with -n into a new qcow2 (which reads as zeroes).
+    let t = sc.path("t.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&t), "4M"]).ok();
+    imgloop(&[
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-O",
+        "qcow2",
+        "-T",
+        "none",
+        s(&src),
+        s(&t),
+    ])
+    .ok();
+    let r = qemu_img(&["compare", "-F", "raw", s(&t), s(&src)]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+}

@@ -21,6 +21,7 @@
 //! # Ok::<(), imgloop::Error>(())
 //! ```
 
+pub mod crypto;
 pub mod driver;
 pub mod error;
 pub mod formats;

@@ -149,6 +149,9 @@ pub struct Qcow2Specific {
     pub bitmaps: Option<Vec<BitmapSpecific>>,
     /// Width of a refcount entry in bits.
     pub refcount_bits: u32,
+    /// The encryption, for an encrypted image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<EncryptSpecific>,
     /// The external data file, as named in the image.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_file: Option<String>,
@@ -161,6 +164,64 @@ pub struct Qcow2Specific {
     /// Extended L2 entries (subclusters) are in use (version 3 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
+}
+
+/// The encryption of a qcow2 image, as `qemu-img info` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum EncryptSpecific {
+    /// Legacy AES-CBC: `{"format": "aes"}`.
+    Aes {
+        /// "aes".
+        format: String,
+    },
+    /// LUKS.
+    Luks(LuksSpecific),
+}
+
+/// A LUKS header, with qemu-img's field names and order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LuksSpecific {
+    /// IV generator (`plain64`).
+    pub ivgen_alg: String,
+    /// The header is in a separate file (never, in qcow2).
+    pub detached_header: bool,
+    /// Hash of PBKDF2 and the splitter.
+    pub hash_alg: String,
+    /// Cipher and key size (`aes-256`).
+    pub cipher_alg: String,
+    /// The volume's UUID.
+    pub uuid: String,
+    /// ESSIV's hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ivgen_hash_alg: Option<String>,
+    /// "luks".
+    pub format: String,
+    /// Cipher mode (`xts`).
+    pub cipher_mode: String,
+    /// The eight key slots.
+    pub slots: Vec<LuksSlotInfo>,
+    /// Where the payload would start, in bytes (qcow2 does not use it).
+    pub payload_offset: u64,
+    /// PBKDF2 iterations of the master key digest.
+    pub master_key_iters: u64,
+}
+
+/// One LUKS key slot in `info`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LuksSlotInfo {
+    /// The slot holds a key.
+    pub active: bool,
+    /// Its PBKDF2 iterations (active slots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iters: Option<u64>,
+    /// Where its key material starts, in bytes from the LUKS header.
+    pub key_offset: u64,
+    /// Its stripes (active slots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripes: Option<u32>,
 }
 
 /// One persistent bitmap of a qcow2 image.
@@ -222,6 +283,18 @@ impl SnapshotSelector {
             && self.id.as_deref().is_none_or(|i| i == id)
             && self.name.as_deref().is_none_or(|n| n == name)
     }
+}
+
+/// What `amend` changes: the `-o` options, the secrets they name
+/// (`encrypt.new-secret`, `encrypt.old-secret`), and `--force`.
+#[derive(Clone, Debug, Default)]
+pub struct AmendOptions {
+    /// `key=value` options.
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Secrets the options name.
+    pub secrets: crate::secret::Secrets,
+    /// Allow what could lose data (overwriting or erasing the last key slot).
+    pub force: bool,
 }
 
 /// Repair modes of `check -r`.

@@ -23,9 +23,10 @@ mod facts;
 mod mapping;
 
 pub use facts::{
-    BackingRef, BitmapSpecific, CheckReport, CreateOptions, DriverInfo, DriverOpenOptions,
-    FormatSpecific, OptionSpec, ParallelsBitmap, ParallelsSpecific, Preallocation, Qcow2Specific,
-    RepairMode, SnapshotInfo, SnapshotSelector, VhdxSpecific,
+    AmendOptions, BackingRef, BitmapSpecific, CheckReport, CreateOptions, DriverInfo,
+    DriverOpenOptions, EncryptSpecific, FormatSpecific, LuksSlotInfo, LuksSpecific, OptionSpec,
+    ParallelsBitmap, ParallelsSpecific, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
+    SnapshotSelector, VhdxSpecific,
 };
 pub use mapping::{
     Allocation, BlockStatus, Commit, DiscardAction, DiscardMapping, Fill, Mapping, StorageId,
@@ -36,6 +37,20 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 use std::path::Path;
 use std::sync::Arc;
+
+/// The encryption of guest data a driver stores in place (qcow2's LUKS and
+/// legacy AES): the generic layer encrypts what it writes to, and decrypts
+/// what it reads from, [`Mapping::Encrypted`] ranges and the allocations
+/// and in-place writes of such a driver, in whole 512-byte sectors (the
+/// driver's [`request_alignment`](Driver::request_alignment) is 512).
+pub trait DataCipher: Send + Sync {
+    /// Encrypts `buf` (whole sectors) stored at `host` in the data
+    /// storage, holding guest bytes from `guest` on.
+    fn encrypt(&self, buf: &mut [u8], host: u64, guest: u64);
+    /// Decrypts `buf` (whole sectors) read from `host`, guest bytes from
+    /// `guest` on.
+    fn decrypt(&self, buf: &mut [u8], host: u64, guest: u64);
+}
 
 /// What a driver may use while it stores transformed data: the backing
 /// image, for the parts of a unit a partial write does not cover.
@@ -257,6 +272,41 @@ pub trait Driver: Send + Sync {
         ))
     }
 
+    /// The cipher of the guest data this driver stores encrypted: `None`
+    /// when it stores plain data, an error when the data is encrypted but
+    /// the image was opened without its key.
+    fn data_cipher(&self) -> Result<Option<&dyn DataCipher>> {
+        Ok(None)
+    }
+
+    /// Names a new backing file (`name`, `format`), or none, in the
+    /// image's metadata; the data is not touched (`rebase` copies what
+    /// must be copied first).
+    fn set_backing(&self, _backing: Option<(&str, Option<&str>)>) -> Result<()> {
+        Err(Error::unsupported("Operation not supported"))
+    }
+
+    /// Makes every cluster of this layer unallocated, so the image reads
+    /// as its backing file (`commit` without `-d`).
+    fn make_empty(&self) -> Result<()> {
+        Err(Error::unsupported("Operation not supported"))
+    }
+
+    /// The persistent dirty bitmaps (name, granularity in bytes), or
+    /// `None` when this image cannot hold any (only qcow2 version 3 can).
+    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
+        None
+    }
+
+    /// Changes image options in place (`qemu-img amend`); `size` is
+    /// handled by the generic layer, not here.
+    fn amend(&self, _opts: &AmendOptions) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "Format driver '{}' does not support option amendment",
+            self.format_name()
+        )))
+    }
+
     /// Takes an internal snapshot named `name` (the image is quiesced
     /// and writable).
     fn snapshot_create(&self, name: &str) -> Result<()> {
@@ -337,4 +387,28 @@ pub trait Format: Send + Sync {
         path: Option<&Path>,
         opts: &CreateOptions,
     ) -> Result<()>;
+
+    /// How large a new image of this format with the `-o` options of
+    /// `opts` would be (`qemu-img measure`): of `opts.size` bytes, or
+    /// holding the data of `source` (its whole chain) when given.
+    fn measure(&self, _opts: &CreateOptions, _source: Option<&crate::Image>) -> Result<Measure> {
+        Err(Error::unsupported(format!(
+            "Block driver '{}' does not support size measurement",
+            self.name()
+        )))
+    }
+}
+
+/// What `measure` reports, with qemu-img's JSON field names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Measure {
+    /// Bytes of persistent bitmaps the copy would need (when both the
+    /// source and the format support them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<u64>,
+    /// Bytes the file needs for the data there is.
+    pub required: u64,
+    /// Bytes the file needs fully allocated.
+    pub fully_allocated: u64,
 }

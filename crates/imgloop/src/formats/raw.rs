@@ -55,6 +55,24 @@ impl Format for RawFormat {
         OPTIONS
     }
 
+    fn measure(
+        &self,
+        opts: &CreateOptions,
+        source: Option<&crate::Image>,
+    ) -> Result<crate::driver::Measure> {
+        opts.check_known(self)?;
+        // A raw file is as large as the disk, whatever it holds.
+        let size = match source {
+            Some(s) => s.size(),
+            None => opts.size.div_ceil(512) * 512,
+        };
+        Ok(crate::driver::Measure {
+            bitmaps: None,
+            required: size,
+            fully_allocated: size,
+        })
+    }
+
     fn create(
         &self,
         storage: Arc<dyn Storage>,

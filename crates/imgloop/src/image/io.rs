@@ -127,10 +127,66 @@ impl Image {
                     Ok(())
                 }
             },
-            Mapping::Compressed | Mapping::Encrypted { .. } => self
+            Mapping::Encrypted { storage, offset } => {
+                match self.driver.data_cipher().map_err(|e| self.err(e))? {
+                    Some(c) => self.read_decrypted(buf, guest, storage, offset, c),
+                    None => self
+                        .driver
+                        .read_transformed(buf, guest)
+                        .map_err(|e| self.err(e)),
+                }
+            }
+            Mapping::Compressed => self
                 .driver
                 .read_transformed(buf, guest)
                 .map_err(|e| self.err(e)),
+        }
+    }
+
+    /// Reads ciphertext of guest range `[guest, guest + buf.len())` at
+    /// `offset` of `storage` and decrypts it, whole sectors at a time.
+    fn read_decrypted(
+        &self,
+        buf: &mut [u8],
+        guest: u64,
+        storage: StorageId,
+        offset: u64,
+        cipher: &dyn crate::driver::DataCipher,
+    ) -> Result<()> {
+        let head = offset % 512;
+        let start = offset - head;
+        let len = round_up(head + buf.len() as u64, 512);
+        let mut sectors = vec![0u8; len as usize];
+        self.read_mapped(
+            &mut sectors,
+            guest - head,
+            Mapping::Data {
+                storage,
+                offset: start,
+            },
+        )?;
+        cipher.decrypt(&mut sectors, start, guest - head);
+        buf.copy_from_slice(&sectors[head as usize..head as usize + buf.len()]);
+        Ok(())
+    }
+
+    /// Writes `data` at `host` of `storage` (guest offset `guest`),
+    /// encrypted first when the driver stores encrypted data.
+    fn store(&self, storage: &dyn Storage, data: &[u8], host: u64, guest: u64) -> Result<()> {
+        let io = |e| self.err(Error::io("writing guest data", e));
+        match self.driver.data_cipher().map_err(|e| self.err(e))? {
+            None => storage.write_at(data, host).map_err(io),
+            Some(c) => {
+                if !host.is_multiple_of(512) || !data.len().is_multiple_of(512) {
+                    return Err(self.err(Error::new(
+                        ErrorKind::State,
+                        format!("an encrypted write at host offset {host} is not in whole sectors"),
+                    )));
+                }
+                let mut sealed = data.to_vec();
+                c.encrypt(&mut sealed, host, guest);
+                storage.write_at(&sealed, host).map_err(io)
+            }
         }
     }
 
@@ -256,9 +312,7 @@ impl Image {
                     len,
                 } => {
                     let n = self.covered(pos, len, rest.len())?;
-                    self.storage(storage)?
-                        .write_at(&rest[..n], host)
-                        .map_err(|e| self.err(Error::io("writing guest data", e)))?;
+                    self.store(self.storage(storage)?, &rest[..n], host, pos)?;
                     touched.data(storage);
                     n
                 }
@@ -339,8 +393,15 @@ impl Image {
         let storage = self.storage(a.storage)?;
         let io = |e| self.err(Error::io("writing guest data", e));
         if a.fills.is_empty() && a.guest == pos && a.len as usize == n {
-            return storage.write_at(&data[..n], a.offset).map_err(io);
+            return self.store(storage, &data[..n], a.offset, a.guest);
         }
+        // Encrypted data: the whole unit is built and sealed (zeroes are
+        // not zero bytes there).
+        let encrypted = self
+            .driver
+            .data_cipher()
+            .map_err(|e| self.err(e))?
+            .is_some();
         // Fresh space already reads as zeroes: only the request's bytes
         // need writing when every fill is zeroes.
         let zero_fill = |f: &crate::driver::Fill| {
@@ -349,7 +410,7 @@ impl Image {
                     && self.backing.is_none()
                     && self.backing_ref.is_none())
         };
-        if a.zeroed && a.fills.iter().all(zero_fill) {
+        if a.zeroed && !encrypted && a.fills.iter().all(zero_fill) {
             return storage
                 .write_at(&data[..n], a.offset + (pos - a.guest))
                 .map_err(io);
@@ -357,7 +418,7 @@ impl Image {
         // Zero fills of a large unit (a Parallels cluster can be 2 GiB) are
         // written from one bounded buffer, not a buffer of the whole unit.
         const CHUNK: u64 = 4 << 20;
-        if a.len > CHUNK && a.fills.iter().all(zero_fill) {
+        if a.len > CHUNK && !encrypted && a.fills.iter().all(zero_fill) {
             let zeroes = vec![0u8; CHUNK as usize];
             for f in &a.fills {
                 let mut done = 0;
@@ -398,7 +459,7 @@ impl Image {
         }
         let at = (pos - a.guest) as usize;
         unit[at..at + n].copy_from_slice(&data[..n]);
-        storage.write_at(&unit, a.offset).map_err(io)
+        self.store(storage, &unit, a.offset, a.guest)
     }
 
     /// QEMU's protection for probed raw images: refuse writing a first

@@ -182,6 +182,12 @@ impl Image {
         self.backing.as_ref()
     }
 
+    /// The backing file the image names (name as stored, format), whether
+    /// or not it was opened.
+    pub fn backing_ref(&self) -> Option<&crate::driver::BackingRef> {
+        self.backing_ref.as_ref()
+    }
+
     /// The image and every image below it, top first.
     pub fn chain(&self) -> Vec<&Image> {
         let mut v = vec![self];
@@ -280,6 +286,62 @@ impl Image {
         self.driver
             .resize(new_size, prealloc)
             .map_err(|e| self.err(e))
+    }
+
+    /// Names `backing` (file name as stored, format) as this image's
+    /// backing file, or none, without touching data (`rebase -u`).
+    pub fn set_backing(&self, backing: Option<(&str, Option<&str>)>) -> Result<()> {
+        self.check_writable("rebase")?;
+        let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.driver.set_backing(backing).map_err(|e| self.err(e))
+    }
+
+    /// Makes every cluster of this layer unallocated (`commit`).
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable("commit")?;
+        let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.driver.make_empty().map_err(|e| self.err(e))
+    }
+
+    /// Bytes the persistent bitmaps of this image would take in a qcow2
+    /// image of `cluster_size` clusters (whole bitmaps, their tables and
+    /// directory, as `qemu-img measure` counts them), or `None` when this
+    /// image cannot hold bitmaps.
+    pub fn persistent_bitmaps_size(&self, cluster_size: u64) -> Option<u64> {
+        let list = self.driver.persistent_bitmaps()?;
+        let cs = cluster_size;
+        let size = self.size();
+        let mut total = 0u64;
+        let mut dir = 0u64;
+        for (name, granularity) in list {
+            let bytes = size.div_ceil(granularity.max(1)).div_ceil(8);
+            let clusters = bytes.div_ceil(cs);
+            total += clusters * cs + (clusters * 8).div_ceil(cs) * cs;
+            dir += (24 + name.len() as u64).div_ceil(8) * 8;
+        }
+        Some(total + dir.div_ceil(cs) * cs)
+    }
+
+    /// Changes the image's options in place, as `qemu-img amend` does:
+    /// the format's own (`compat`, `refcount_bits`, LUKS key slots, ...)
+    /// and `size` (grown or shrunk, as qemu-img's amend allows).
+    pub fn amend(&self, opts: &crate::driver::AmendOptions) -> Result<()> {
+        self.check_writable("amend")?;
+        let mut own = opts.clone();
+        let size = own.options.remove("size");
+        let new_size = match &size {
+            Some(s) => Some(crate::size::parse_size(s).map_err(|e| self.err(e))?),
+            None => None,
+        };
+        {
+            // A format that cannot amend refuses even a size alone.
+            let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.driver.amend(&own).map_err(|e| self.err(e))?;
+        }
+        if let Some(n) = new_size {
+            self.resize(n, Preallocation::Off, true)?;
+        }
+        Ok(())
     }
 
     /// Takes an internal snapshot named `name` of the disk as it is now

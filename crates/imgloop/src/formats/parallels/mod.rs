@@ -223,6 +223,7 @@ impl Parallels {
                 }
                 PREALLOC_SIZE => prealloc.1 = crate::size::parse_size(value)?,
                 k if k == crate::formats::qcow2::OPEN_FOR_CHECK => for_check = true,
+                k if k == crate::formats::qcow2::OPEN_METADATA_ONLY => {}
                 k => {
                     return Err(Error::invalid_argument(format!(
                         "Unknown open option '{k}' for format 'parallels'"

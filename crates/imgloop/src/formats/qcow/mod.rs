@@ -204,6 +204,7 @@ impl Qcow {
                 KEY_SECRET,
                 "l2-cache-size",
                 crate::formats::qcow2::OPEN_FOR_CHECK,
+                crate::formats::qcow2::OPEN_METADATA_ONLY,
             ];
             if !known.contains(&key.as_str()) {
                 return Err(Error::invalid_argument(format!(

@@ -24,6 +24,7 @@ struct Plan {
     backing_fmt: Option<String>,
     data_file: Option<String>,
     data_file_raw: bool,
+    encryption: Option<super::crypt::CreateEncryption>,
 }
 
 fn plan(opts: &CreateOptions) -> Result<Plan> {
@@ -70,10 +71,18 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
         // or data put there by other tools would not show through.
         prealloc = Preallocation::Metadata;
     }
-    if opts.options.contains_key("encrypt.format") {
-        return Err(Error::unsupported(
-            "encrypted qcow2 images are not supported",
-        ));
+    let encryption = super::crypt::CreateEncryption::from_options(&opts.options, &opts.secrets)?;
+    if encryption.is_some() {
+        if data_file_raw {
+            return Err(Error::invalid_argument(
+                "data_file_raw cannot be used with encryption (the data file would not be a raw image)",
+            ));
+        }
+        if prealloc != Preallocation::Off {
+            return Err(Error::unsupported(
+                "preallocation of encrypted images (preallocated clusters would not decrypt to zeroes)",
+            ));
+        }
     }
     if version == 2 {
         let v3_only = [
@@ -131,6 +140,7 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
         backing_fmt,
         data_file,
         data_file_raw,
+        encryption,
     })
 }
 
@@ -158,9 +168,13 @@ pub(super) fn create(
     let refcount_bits = 1u64 << p.refcount_order;
     let per_block = cs * 8 / refcount_bits;
     // Refcount table and blocks must cover the metadata, themselves included.
+    // The LUKS header and key material follow the L1 table, as QEMU
+    // places them.
+    let area_len = p.encryption.as_ref().map_or(0, |e| e.area_len());
+    let area_clusters = area_len.div_ceil(cs);
     let (mut table, mut blocks) = (1u64, 1u64);
     loop {
-        let total = 1 + table + blocks + l1_clusters;
+        let total = 1 + table + blocks + l1_clusters + area_clusters;
         let need_blocks = total.div_ceil(per_block);
         let need_table = (need_blocks * 8).div_ceil(cs);
         if need_blocks == blocks && need_table == table {
@@ -172,7 +186,8 @@ pub(super) fn create(
     let table_off = cs;
     let blocks_off = table_off + table * cs;
     let l1_off = blocks_off + blocks * cs;
-    let total = 1 + table + blocks + l1_clusters;
+    let area_off = l1_off + l1_clusters * cs;
+    let total = 1 + table + blocks + l1_clusters + area_clusters;
 
     let mut incompatible = 0;
     let mut autoclear_bits = 0;
@@ -193,6 +208,14 @@ pub(super) fn create(
             autoclear_bits |= autoclear::DATA_FILE_RAW;
         }
     }
+    if area_len > 0 {
+        let mut d = area_off.to_be_bytes().to_vec();
+        d.extend_from_slice(&area_len.to_be_bytes());
+        extensions.push(Extension {
+            kind: header::ext::CRYPTO,
+            data: d,
+        });
+    }
     if p.compression != CompressionType::Zlib {
         incompatible |= incompat::COMPRESSION;
     }
@@ -211,7 +234,7 @@ pub(super) fn create(
         backing_file_size: p.backing.as_ref().map_or(0, |b| b.len() as u32),
         cluster_bits: p.cluster_bits,
         size: opts.size,
-        crypt_method: 0,
+        crypt_method: p.encryption.as_ref().map_or(0, |e| e.method()),
         l1_size: l1_size as u32,
         l1_table_offset: l1_off,
         refcount_table_offset: table_off,
@@ -247,6 +270,13 @@ pub(super) fn create(
     storage
         .write_at(&vec![0u8; (l1_clusters * cs) as usize], l1_off)
         .map_err(io("writing the L1 table"))?;
+    if let Some(e) = &p.encryption {
+        let mut area = e.format_area()?;
+        area.resize((area_clusters * cs) as usize, 0);
+        storage
+            .write_at(&area, area_off)
+            .map_err(io("writing the LUKS header"))?;
+    }
     storage
         .write_at(&h.to_bytes()?, 0)
         .map_err(io("writing the header"))?;
@@ -332,4 +362,120 @@ fn preallocate(
         }
         Preallocation::Off => Ok(()),
     }
+}
+
+/// Refcount table and block bytes that cover `clusters` clusters and
+/// themselves.
+fn refcount_metadata(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
+    let per_block = cs * 8 / (1u64 << refcount_order);
+    let per_table_cluster = cs / 8;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let b = (clusters + table + blocks).div_ceil(per_block);
+        let t = b.div_ceil(per_table_cluster);
+        if b == blocks && t == table {
+            return (blocks + table) * cs;
+        }
+        blocks = b;
+        table = t;
+    }
+}
+
+/// Bytes of a fully allocated image of `size` bytes (cluster-aligned):
+/// header, L2 and L1 tables for the whole disk, refcounts, data (QEMU's
+/// estimate, which `qemu-img measure` prints).
+fn fully_allocated(size: u64, cs: u64, refcount_order: u32, ext_l2: bool) -> u64 {
+    let entry = if ext_l2 { 16 } else { 8 };
+    let per_l2 = cs / entry;
+    let l2_entries = (size / cs).div_ceil(per_l2) * per_l2;
+    let l1_entries = (l2_entries * entry / cs).div_ceil(cs / 8) * (cs / 8);
+    let meta = cs + l2_entries * entry + l1_entries * 8;
+    meta + refcount_metadata((meta + size) / cs, cs, refcount_order) + size
+}
+
+/// `qemu-img measure -O qcow2`: the sizes a new image with `opts` would
+/// need, empty (`opts.size`) or holding `source`'s data.
+pub(super) fn measure(
+    opts: &CreateOptions,
+    source: Option<&crate::Image>,
+) -> Result<crate::driver::Measure> {
+    opts.check_known(&super::Qcow2Format)?;
+    let p = plan_for_measure(opts)?;
+    let cs = 1u64 << p.cluster_bits;
+    let luks = p.encryption_area.div_ceil(cs) * cs;
+    let (virtual_size, data) = match source {
+        None => (opts.size.div_ceil(cs) * cs, 0),
+        Some(src) => {
+            let size = src.size();
+            let virtual_size = size.div_ceil(cs) * cs;
+            let data = if p.backing.is_some() {
+                // What the new backing file shares is unknown: all of it.
+                virtual_size
+            } else {
+                let mut data = 0u64;
+                let mut pos = 0u64;
+                while pos < size {
+                    let (st, _) = src.block_status_chain(pos, size - pos)?;
+                    let mut n = st.len.max(1);
+                    if !st.zero && st.data && st.allocated {
+                        // To the end of the target cluster.
+                        n = (pos + n).div_ceil(cs) * cs - pos;
+                        data += pos % cs + n;
+                    }
+                    pos += n;
+                }
+                data
+            };
+            (virtual_size, data)
+        }
+    };
+    let data = if matches!(p.prealloc, Preallocation::Full | Preallocation::Falloc) {
+        virtual_size
+    } else {
+        data
+    };
+    let full = luks + fully_allocated(virtual_size, cs, p.refcount_order, p.ext_l2);
+    let bitmaps = match source {
+        Some(src) if p.version >= 3 => src.persistent_bitmaps_size(cs),
+        _ => None,
+    };
+    Ok(crate::driver::Measure {
+        bitmaps,
+        required: full - virtual_size + data,
+        fully_allocated: full,
+    })
+}
+
+/// The parts of the create options `measure` needs.
+struct MeasurePlan {
+    version: u32,
+    cluster_bits: u32,
+    refcount_order: u32,
+    ext_l2: bool,
+    prealloc: Preallocation,
+    backing: Option<String>,
+    /// Bytes of the LUKS area an encrypted image would have.
+    encryption_area: u64,
+}
+
+fn plan_for_measure(opts: &CreateOptions) -> Result<MeasurePlan> {
+    // The key is not needed to know the sizes.
+    let mut o = opts.clone();
+    let luks = o.options.get("encrypt.format").map(String::as_str) == Some("luks");
+    if luks {
+        o.options
+            .insert("encrypt.key-secret".into(), "measure".into());
+        o.secrets
+            .insert("measure", crate::secret::Secret::new(b"measure".to_vec()));
+    }
+    let p = plan(&o)?;
+    Ok(MeasurePlan {
+        version: p.version,
+        cluster_bits: p.cluster_bits,
+        refcount_order: p.refcount_order,
+        ext_l2: p.ext_l2,
+        prealloc: p.prealloc,
+        backing: p.backing,
+        encryption_area: p.encryption.as_ref().map_or(0, |e| e.area_len()),
+    })
 }

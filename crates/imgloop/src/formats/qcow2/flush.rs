@@ -216,7 +216,7 @@ impl Qcow2 {
     /// `cause` (the damage found) saying so.
     pub(crate) fn mark_corrupt(&self, tables: &mut Tables, cause: Error) -> Error {
         tables.corrupt = true;
-        if self.v3 && !self.read_only() {
+        if self.v3() && !self.read_only() {
             tables.header.incompatible_features |= header::incompat::CORRUPT;
             let _ = self.write_header(tables);
             let _ = self.sync_file();

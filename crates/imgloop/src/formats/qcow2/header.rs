@@ -55,6 +55,11 @@ pub mod autoclear {
     pub const SUPPORTED: u64 = DATA_FILE_RAW;
 }
 
+/// `crypt_method`: legacy AES-CBC.
+pub const CRYPT_AES: u32 = 1;
+/// `crypt_method`: LUKS.
+pub const CRYPT_LUKS: u32 = 2;
+
 /// Header extension type codes.
 pub mod ext {
     /// End of the extension area.
@@ -225,6 +230,18 @@ impl Header {
             (None, Some(d)) => self.extensions.push(Extension { kind, data: d }),
             (None, None) => {}
         }
+    }
+
+    /// Offset and length of the LUKS header in the image file (the full
+    /// disk encryption header extension), when there is one.
+    pub fn crypto_header(&self) -> Option<(u64, u64)> {
+        let d = self.extension(ext::CRYPTO)?;
+        (d.len() == 16).then(|| {
+            (
+                u64::from_be_bytes(d[0..8].try_into().expect("8 bytes")),
+                u64::from_be_bytes(d[8..16].try_into().expect("8 bytes")),
+            )
+        })
     }
 
     /// The backing format from its extension.
@@ -429,8 +446,51 @@ impl Header {
             ))
             .into());
         }
-        if h.crypt_method != 0 {
-            return Err(QcowError::Unsupported("encrypted images".into()).into());
+        if h.crypt_method > CRYPT_LUKS {
+            return Err(QcowError::Unsupported(format!(
+                "Unsupported encryption method {}",
+                h.crypt_method
+            ))
+            .into());
+        }
+        match (h.extension(ext::CRYPTO), h.crypt_method) {
+            (Some(_), m) if m != CRYPT_LUKS => {
+                return Err(Error::invalid_format(
+                    "header extension",
+                    0,
+                    "CRYPTO header extension only expected with LUKS encryption method",
+                ))
+            }
+            (Some(d), _) if d.len() != 16 => {
+                return Err(Error::invalid_format(
+                    "header extension",
+                    0,
+                    format!(
+                        "CRYPTO header extension size {}, but expected size 16",
+                        d.len()
+                    ),
+                ))
+            }
+            (None, CRYPT_LUKS) => {
+                return Err(Error::invalid_format(
+                    "header",
+                    32,
+                    "Missing CRYPTO header for crypt method 2",
+                ))
+            }
+            _ => {}
+        }
+        if let Some((off, _)) = h.crypto_header() {
+            if off == 0 || !off.is_multiple_of(h.cluster_size()) {
+                return Err(Error::invalid_format(
+                    "header extension",
+                    0,
+                    format!(
+                        "Encryption header offset '{off}' is not a multiple of cluster size '{}'",
+                        h.cluster_size()
+                    ),
+                ));
+            }
         }
         if h.backing_file_offset != 0 {
             if h.backing_file_size == 0 || h.backing_file_size > MAX_BACKING_NAME {
@@ -547,8 +607,17 @@ impl Header {
     }
 
     /// Serializes the header cluster's content: fixed header, extensions,
-    /// end marker, backing file name. Fails if it does not fit one cluster.
+    /// end marker, backing file name. The feature name table is optional
+    /// and left out when it does not fit (as QEMU leaves it out); fails if
+    /// the rest does not fit one cluster.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        match self.to_bytes_with(true) {
+            Err(_) if self.extension(ext::FEATURE_TABLE).is_some() => self.to_bytes_with(false),
+            r => r,
+        }
+    }
+
+    fn to_bytes_with(&self, feature_table: bool) -> Result<Vec<u8>> {
         let mut b = vec![0u8; if self.version == 2 { 72 } else { 112 }];
         b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
         b[4..8].copy_from_slice(&self.version.to_be_bytes());
@@ -575,7 +644,7 @@ impl Header {
             };
         }
         for e in &self.extensions {
-            if self.version == 2 && e.kind == ext::FEATURE_TABLE {
+            if (self.version == 2 || !feature_table) && e.kind == ext::FEATURE_TABLE {
                 continue;
             }
             b.extend_from_slice(&e.kind.to_be_bytes());

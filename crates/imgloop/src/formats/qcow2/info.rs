@@ -35,6 +35,7 @@ impl Qcow2 {
                 .then_some(h.compatible_features & header::compat::LAZY_REFCOUNTS != 0),
             bitmaps,
             refcount_bits: h.refcount_bits(),
+            encrypt: self.crypt.as_ref().map(|c| c.specific()),
             data_file: self.data_file_name.clone(),
             data_file_raw: self.data_file_name.as_ref().map(|_| h.data_file_raw()),
             corrupt: v3.then_some(h.incompatible_features & header::incompat::CORRUPT != 0),

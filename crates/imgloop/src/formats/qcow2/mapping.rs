@@ -22,6 +22,16 @@ impl Qcow2 {
         self.cluster_size * self.l2_entries
     }
 
+    /// Where stored guest data at `offset` of `storage` is: plain, or
+    /// encrypted for the generic layer to decrypt.
+    fn data_mapping(&self, storage: StorageId, offset: u64) -> Mapping {
+        if self.crypt.is_some() {
+            Mapping::Encrypted { storage, offset }
+        } else {
+            Mapping::Data { storage, offset }
+        }
+    }
+
     /// What an entry says about `guest` (at most `max_len` bytes, within
     /// its cluster).
     pub(super) fn classify(&self, c: Cluster, bitmap: u64, guest: u64, max_len: u64) -> Step {
@@ -56,26 +66,14 @@ impl Qcow2 {
                 };
                 (m, len, None)
             }
-            Cluster::Normal { host, .. } if !self.ext_l2 => (
-                Mapping::Data {
-                    storage: data,
-                    offset: host + in_cluster,
-                },
-                len,
-                None,
-            ),
+            Cluster::Normal { host, .. } if !self.ext_l2 => {
+                (self.data_mapping(data, host + in_cluster), len, None)
+            }
             Cluster::Normal { host, .. } => {
                 let (state, len) = sub_run(len);
                 let at = host + in_cluster;
                 match state {
-                    Sub::Data => (
-                        Mapping::Data {
-                            storage: data,
-                            offset: at,
-                        },
-                        len,
-                        None,
-                    ),
+                    Sub::Data => (self.data_mapping(data, at), len, None),
                     Sub::Zero => (Mapping::Zero, len, Some((data, at))),
                     // Unallocated, but the host cluster exists: block
                     // status names its offset, as QEMU's does.
@@ -153,6 +151,16 @@ impl Qcow2 {
                             offset: b,
                         },
                     ) => s1 == s2 && a.checked_add(len) == Some(b),
+                    (
+                        Mapping::Encrypted {
+                            storage: s1,
+                            offset: a,
+                        },
+                        Mapping::Encrypted {
+                            storage: s2,
+                            offset: b,
+                        },
+                    ) => s1 == s2 && a.checked_add(len) == Some(b),
                     (a, b) => a == b && first_host.is_none() == host.is_none(),
                 };
                 if !same {
@@ -186,10 +194,7 @@ impl Qcow2 {
         let plain =
             e & !(entry::COPIED | entry::L2_OFFSET_MASK) == 0 && host != 0 && host & (cs - 1) == 0;
         plain.then_some((
-            Mapping::Data {
-                storage: self.data_id(),
-                offset: host + in_cluster,
-            },
+            self.data_mapping(self.data_id(), host + in_cluster),
             max_len,
         ))
     }

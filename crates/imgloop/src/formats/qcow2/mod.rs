@@ -29,10 +29,14 @@
 //! [`RequestTracker`]: crate::inflight::RequestTracker
 
 mod alloc;
+mod amend;
 pub mod bitmap;
 mod check;
 mod compress;
 mod create;
+mod crypt;
+#[cfg(test)]
+mod crypt_tests;
 pub mod entry;
 mod flush;
 pub mod header;
@@ -47,7 +51,8 @@ mod snapshot_tests;
 mod tables;
 mod write;
 
-pub use check::OPEN_FOR_CHECK;
+pub use amend::AMEND_HELP;
+pub use check::{OPEN_FOR_CHECK, OPEN_METADATA_ONLY};
 pub use compress::DecompressError;
 pub(crate) use tables::Tables;
 
@@ -197,7 +202,47 @@ const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         name: "encrypt.format",
         kind: "string",
-        help: "Encryption (not supported)",
+        help: "Encrypt the image, format choices: 'aes', 'luks'",
+    },
+    OptionSpec {
+        name: "encrypt.key-secret",
+        kind: "string",
+        help: "ID of secret providing qcow AES key or LUKS passphrase",
+    },
+    OptionSpec {
+        name: "encrypt.cipher-alg",
+        kind: "string",
+        help: "Name of encryption cipher algorithm (aes-128, aes-192, aes-256)",
+    },
+    OptionSpec {
+        name: "encrypt.cipher-mode",
+        kind: "string",
+        help: "Name of encryption cipher mode (ecb, cbc, ctr, xts)",
+    },
+    OptionSpec {
+        name: "encrypt.ivgen-alg",
+        kind: "string",
+        help: "Name of IV generator algorithm (plain, plain64, essiv)",
+    },
+    OptionSpec {
+        name: "encrypt.ivgen-hash-alg",
+        kind: "string",
+        help: "Name of IV generator hash algorithm",
+    },
+    OptionSpec {
+        name: "encrypt.hash-alg",
+        kind: "string",
+        help: "Name of encryption hash algorithm",
+    },
+    OptionSpec {
+        name: "encrypt.iter-time",
+        kind: "number",
+        help: "Time to spend in PBKDF in milliseconds",
+    },
+    OptionSpec {
+        name: "encryption",
+        kind: "bool",
+        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
     },
 ];
 
@@ -233,6 +278,14 @@ impl Format for Qcow2Format {
     ) -> Result<()> {
         create::create(storage, path, opts)
     }
+
+    fn measure(
+        &self,
+        opts: &CreateOptions,
+        source: Option<&crate::Image>,
+    ) -> Result<crate::driver::Measure> {
+        create::measure(opts, source)
+    }
 }
 
 /// An open qcow2 image.
@@ -249,7 +302,8 @@ pub struct Qcow2 {
     /// log2 of `l2_entries` (a power of two).
     pub(crate) l2_bits: u32,
     pub(crate) ext_l2: bool,
-    pub(crate) v3: bool,
+    /// Version 3 (or later); changes only by `amend`.
+    pub(crate) v3: std::sync::atomic::AtomicBool,
     pub(crate) compression: CompressionType,
     pub(crate) size: AtomicU64,
     /// Read-only or read-write, and the requests in flight: shared with
@@ -269,9 +323,16 @@ pub struct Qcow2 {
     pub(crate) metadata_prealloc: OnceLock<bool>,
     /// Opened read-only to show an internal snapshot.
     pub(crate) snapshot_view: bool,
+    /// The encryption of guest data (LUKS or legacy AES), if any.
+    pub(crate) crypt: Option<crypt::Encryption>,
 }
 
 impl Qcow2 {
+    /// The image is version 3 (zero flags, feature bits).
+    pub(crate) fn v3(&self) -> bool {
+        self.v3.load(Ordering::Acquire)
+    }
+
     /// The image file.
     pub(crate) fn file(&self) -> &dyn Storage {
         &*self.storages[0]
@@ -348,8 +409,24 @@ impl Driver for Qcow2 {
         &self.storages
     }
 
+    fn request_alignment(&self) -> u32 {
+        // Encrypted data is sealed in whole sectors.
+        if self.crypt.is_some() {
+            512
+        } else {
+            1
+        }
+    }
+
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         self.map_range(offset, max_len)
+    }
+
+    fn data_cipher(&self) -> Result<Option<&dyn crate::driver::DataCipher>> {
+        match &self.crypt {
+            None => Ok(None),
+            Some(c) => Ok(Some(c.key()? as &dyn crate::driver::DataCipher)),
+        }
     }
 
     fn read_transformed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -385,6 +462,13 @@ impl Driver for Qcow2 {
     }
 
     fn compress(&self, unit: &[u8]) -> Result<Option<Vec<u8>>> {
+        if self.crypt.is_some() {
+            // qemu stores such clusters unencrypted; imgloop refuses, as
+            // qemu-img convert does.
+            return Err(Error::unsupported(
+                "Compression and encryption not supported at the same time",
+            ));
+        }
         compress::compress_unit(self, unit)
     }
 
@@ -417,6 +501,65 @@ impl Driver for Qcow2 {
             self.flush_meta()?;
         }
         self.check_image(repair)
+    }
+
+    fn set_backing(&self, backing: Option<(&str, Option<&str>)>) -> Result<()> {
+        let _serial = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tables = self.tables_mut();
+        self.check_writable(&tables)?;
+        if self.external_data && tables.header.data_file_raw() && backing.is_some() {
+            return Err(Error::invalid_argument(
+                "data_file_raw cannot be used with a backing file",
+            ));
+        }
+        self.flush_held(&mut tables)?;
+        let h = &mut tables.header;
+        match backing {
+            Some((name, format)) => {
+                if name.is_empty() || name.len() > header::MAX_BACKING_NAME as usize {
+                    return Err(Error::invalid_argument(
+                        "the backing file name must be 1 to 1023 bytes",
+                    ));
+                }
+                h.backing_file = Some(name.to_string());
+                h.backing_file_size = name.len() as u32;
+                h.set_extension(
+                    header::ext::BACKING_FORMAT,
+                    format.map(|f| f.as_bytes().to_vec()),
+                );
+            }
+            None => {
+                h.backing_file = None;
+                h.backing_file_size = 0;
+                h.backing_file_offset = 0;
+                h.set_extension(header::ext::BACKING_FORMAT, None);
+            }
+        }
+        self.write_header(&tables)?;
+        self.sync_file()
+    }
+
+    fn make_empty(&self) -> Result<()> {
+        let size = self.size.load(Ordering::Acquire);
+        write::unallocate(self, 0, size)?;
+        self.flush_meta()
+    }
+
+    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
+        if !self.v3() {
+            return None;
+        }
+        let tables = self.tables();
+        let list = self.consistent_bitmaps(&tables.header).unwrap_or_default();
+        Some(
+            list.iter()
+                .map(|b| (b.name.clone(), 1u64 << b.granularity_bits.min(63)))
+                .collect(),
+        )
+    }
+
+    fn amend(&self, opts: &crate::driver::AmendOptions) -> Result<()> {
+        amend::amend(self, opts)
     }
 
     fn snapshot_create(&self, name: &str) -> Result<()> {

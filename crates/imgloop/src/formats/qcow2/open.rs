@@ -87,6 +87,17 @@ impl Qcow2 {
                 .into());
             }
         }
+        let crypt =
+            super::crypt::Encryption::open(&*storage, &header, &opts.options, &opts.secrets)?;
+        let metadata_only =
+            for_check || opts.options.contains_key(super::check::OPEN_METADATA_ONLY);
+        if let Some(c) = &crypt {
+            if !metadata_only {
+                // As qemu: the data is unusable without the key, so the
+                // open fails (info and check need no key).
+                c.key()?;
+            }
+        }
         let data_file_name = header.data_file_name();
         let mut storages = vec![storage];
         if header.has_data_file() {
@@ -133,7 +144,7 @@ impl Qcow2 {
             l2_entries: h.l2_entries(),
             l2_bits: h.l2_entries().trailing_zeros(),
             ext_l2: h.extended_l2(),
-            v3: h.version >= 3,
+            v3: std::sync::atomic::AtomicBool::new(h.version >= 3),
             compression: h.compression_type,
             size: AtomicU64::new(h.size),
             state: opts.state.clone(),
@@ -143,6 +154,7 @@ impl Qcow2 {
             decompressed: Mutex::new(None),
             metadata_prealloc: OnceLock::new(),
             snapshot_view: false,
+            crypt,
         };
         let view = ["snapshot", "snapshot.id", "snapshot.name"]
             .iter()

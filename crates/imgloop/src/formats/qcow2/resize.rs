@@ -16,7 +16,7 @@ pub(super) fn resize(img: &Qcow2, new_size: u64, prealloc: Preallocation) -> Res
     if new_size > header::MAX_VIRTUAL_SIZE {
         return Err(Error::invalid_argument("new size is too large for qcow2"));
     }
-    if !img.v3 && img.tables().header.nb_snapshots > 0 {
+    if !img.v3() && img.tables().header.nb_snapshots > 0 {
         // Version 2 snapshot entries need not record their disk size, so
         // qemu-img refuses this too.
         return Err(Error::unsupported(

@@ -363,7 +363,7 @@ impl Qcow2 {
                 format!("Snapshot '{}' records an invalid disk size", sn.name),
             ));
         }
-        if !self.v3 && disk_size != self.size.load(Ordering::Acquire) {
+        if !self.v3() && disk_size != self.size.load(Ordering::Acquire) {
             // As qemu-img: a version 2 image with snapshots cannot change size.
             return Err(Error::unsupported(format!(
                 "Could not apply snapshot '{key}': Failed to load snapshot: Operation not supported \

@@ -101,7 +101,7 @@ impl Qcow2 {
             bitmap,
             self.cluster_bits,
             self.ext_l2,
-            self.v3,
+            self.v3(),
             self.external_data,
         )
         .map_err(|why| {

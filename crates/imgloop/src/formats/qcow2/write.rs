@@ -418,7 +418,7 @@ pub(super) fn map_zeroes(
         action: ZeroAction::Buffers,
         commit: None,
     };
-    if !img.v3 && has_backing {
+    if !img.v3() && has_backing {
         // No zero flag in version 2, and unallocated clusters would show
         // the backing image: real zeroes have to be written.
         return Ok(buffers(len));
@@ -442,7 +442,7 @@ pub(super) fn map_zeroes(
     img.check_writable(&tables)?;
     let (c, _) = img.lookup_for_write(&mut tables, base)?;
     let n = cluster_end - base;
-    if !img.v3 {
+    if !img.v3() {
         // Version 2 without a backing image: an unallocated cluster reads
         // as zeroes.
         if c != Cluster::Unallocated {
@@ -575,7 +575,7 @@ pub(super) fn map_discard(img: &Qcow2, offset: u64, len: u64) -> Result<DiscardM
     if c == Cluster::Unallocated && !has_backing {
         return Ok(nothing(n));
     }
-    let (e, bitmap) = match (img.v3, img.ext_l2) {
+    let (e, bitmap) = match (img.v3(), img.ext_l2) {
         (true, false) => (entry::ZERO, 0),
         (true, true) => (0, entry::ALL_ZERO),
         _ => (0, 0),

@@ -32,6 +32,10 @@ impl Pass<'_> {
         } else {
             self.trim_l1.unwrap_or(m.l1.len()).min(m.l1.len())
         };
+        if let Some((off, len)) = h.crypto_header() {
+            // The LUKS header and key material.
+            self.inc_or_report(off, len);
+        }
         self.inc_or_report(h.l1_table_offset, walk as u64 * 8);
         self.walk_l1(m, &m.l1[..walk], h.l1_table_offset, true);
 
@@ -232,7 +236,7 @@ impl Pass<'_> {
                 }
             }
             let Ok(Cluster::Compressed { host, len }) =
-                entry::decode(raw & !entry::COPIED, 0, q.cluster_bits, q.ext_l2, q.v3)
+                entry::decode(raw & !entry::COPIED, 0, q.cluster_bits, q.ext_l2, q.v3())
             else {
                 unreachable!("compressed descriptors always decode")
             };
@@ -272,7 +276,7 @@ impl Pass<'_> {
                 }
             }
         } else {
-            let reserved = if q.v3 || q.ext_l2 {
+            let reserved = if q.v3() || q.ext_l2 {
                 entry::L2_RESERVED
             } else {
                 entry::L2_RESERVED | entry::ZERO

@@ -59,6 +59,12 @@ mod repair;
 /// reports them).
 pub const OPEN_FOR_CHECK: &str = "x-check";
 
+/// Driver option (any format accepts it): the image is opened for its
+/// metadata only (`info`), so an encrypted image opens without its key,
+/// as qemu-img's `info` opens it. Other opens of an encrypted qcow2 image
+/// need the key.
+pub const OPEN_METADATA_ONLY: &str = "x-metadata-only";
+
 /// Most clusters a check tracks (512 MiB of counters).
 const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
 
@@ -264,7 +270,7 @@ impl<'a> Pass<'a> {
     fn zero_entry(&self) -> (u64, u64) {
         if self.q.ext_l2 {
             (0, entry::ALL_ZERO)
-        } else if self.q.v3 {
+        } else if self.q.v3() {
             (entry::ZERO, 0)
         } else {
             (0, 0)
