@@ -18,7 +18,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SECONDS_PER_TARGET=${SECONDS_PER_TARGET:-60}
 RSS_LIMIT_MB=${RSS_LIMIT_MB:-2048}
 TARGET_TRIPLE=${TARGET_TRIPLE:-x86_64-unknown-linux-gnu}
-ALL="open_read raw_ops qcow2_fields cow_fields qcow_fields vhdx_fields parallels_fields luks_fields"
+ALL="open_read raw_ops qcow2_fields cow_fields qcow_fields vhdx_fields parallels_fields luks_fields nbd_server"
 TARGETS=${TARGETS:-$ALL}
 
 max_len() {
@@ -31,6 +31,7 @@ max_len() {
         vhdx_fields) echo 128 ;;
         parallels_fields) echo 128 ;;
         luks_fields) echo 128 ;;
+        nbd_server) echo 4096 ;;
         *) echo 4096 ;;
     esac
 }

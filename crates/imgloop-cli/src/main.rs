@@ -19,6 +19,7 @@ mod measure;
 mod objects;
 mod rebase;
 mod resize;
+mod serve;
 mod snapshot;
 
 use clap::{Parser, Subcommand};
@@ -71,6 +72,8 @@ enum Command {
     Resize(resize::Args),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::Args),
+    /// Serve images over NBD (like qemu-nbd).
+    Serve(serve::Args),
     /// Run scripted I/O commands on an image (like qemu-io).
     Io(io::Args),
     /// Export an image's virtual disk as a regular file over FUSE.
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Rebase(a) => rebase::run(a),
         Command::Commit(a) => commit::run(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Io(a) => io::run(a),
         Command::Fuse(a) => fuse::run(a),
         Command::Attach(a) => attach::run(a),

@@ -456,3 +456,36 @@ fn damaged_snapshot_entries_give_errors_and_change_nothing() {
     }
     assert!(m.to_vec() == before);
 }
+
+#[test]
+fn duplicate_ids_resolve_to_the_first_and_new_ids_stay_unique() {
+    // Another tool may leave two entries with one ID: qemu takes the
+    // first for `-a ID`; imgloop too, and the next ID is still new.
+    let (mem, img) = mem_image(1 << 20, &[]);
+    img.write(&[1u8; 65536], 0).unwrap();
+    img.snapshot_create("first").unwrap();
+    img.write(&[2u8; 65536], 0).unwrap();
+    img.snapshot_create("second").unwrap();
+    img.close().unwrap();
+    drop(img);
+    let h = super::header::Header::read(&mem).unwrap();
+    let mut t = super::snapshot::read_table(&mem, h.snapshots_offset, 2).unwrap();
+    t.entries[1].raw_id = b"1".to_vec();
+    t.entries[1].id = "1".into();
+    let bytes = super::snapshot::encode_table(&t.entries).unwrap();
+    mem.write_at(&bytes, h.snapshots_offset).unwrap();
+    let img = reopen(&mem);
+    let ids: Vec<String> = img.info().snapshots.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(ids, ["1", "1"]);
+    img.snapshot_apply("1").unwrap();
+    assert!(
+        read_all(&img)[..65536].iter().all(|&b| b == 1),
+        "not the first"
+    );
+    img.snapshot_create("third").unwrap();
+    let ids: Vec<String> = img.info().snapshots.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(ids, ["1", "1", "2"]);
+    img.snapshot_delete(&SnapshotSelector::by_name("second"))
+        .unwrap();
+    assert_clean(&img, "after deleting one of the twins");
+}

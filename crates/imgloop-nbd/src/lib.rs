@@ -1,0 +1,123 @@
+//! A Network Block Device server (NetworkBlockDevice `doc/proto.md`,
+//! fixed newstyle) for images opened by the imgloop core: several named
+//! exports, structured replies (reads answer holes without reading them),
+//! `base:allocation` and `qemu:allocation-depth` block status, many
+//! requests in flight per connection served in parallel and answered out
+//! of order, flush/FUA/trim/write-zeroes/fast-zero/cache.
+//!
+//! The protocol code knows nothing of formats: an export is an
+//! [`imgloop::Image`].
+
+mod handshake;
+pub mod proto;
+mod transmission;
+
+use imgloop::Image;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+/// One named export.
+pub struct Export {
+    /// The name clients ask for ("" is the default export).
+    pub name: String,
+    /// A description `LIST` and `INFO` show.
+    pub description: String,
+    /// The image served.
+    pub image: Arc<Image>,
+    /// Writes are refused (`EPERM`).
+    pub read_only: bool,
+    /// `TRIM` frees space (`--discard=unmap`); otherwise it is ignored.
+    pub unmap: bool,
+}
+
+/// What a server serves, and how.
+pub struct ServerConfig {
+    /// The exports.
+    pub exports: Vec<Export>,
+    /// Requests one connection may have in flight (and threads serving them).
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    /// The export called `name`.
+    pub(crate) fn export(&self, name: &str) -> Option<&Export> {
+        self.exports.iter().find(|e| e.name == name)
+    }
+}
+
+/// Largest request length served (and advertised as the maximum block
+/// size): a larger one is refused before its payload is read.
+pub const MAX_REQUEST: u32 = 32 << 20;
+
+/// A client connection: a Unix or TCP stream.
+pub enum Conn {
+    /// A Unix socket.
+    Unix(UnixStream),
+    /// A TCP socket.
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    /// A second handle on the same socket (for the reply writer).
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Closes both directions.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// Serves one client until it disconnects (or breaks the protocol):
+/// the handshake, then requests. Errors of the connection end it and are
+/// returned; they never affect other connections.
+pub fn serve_connection(conn: Conn, config: &Arc<ServerConfig>) -> io::Result<()> {
+    let mut conn = conn;
+    if let Conn::Tcp(s) = &conn {
+        let _ = s.set_nodelay(true);
+    }
+    // Whoever else holds a handle on the socket, the client sees it close
+    // when this connection is done.
+    let closer = conn.try_clone()?;
+    let result = match handshake::negotiate(&mut conn, config) {
+        Ok(None) => Ok(()),
+        Ok(Some(session)) => transmission::run(conn, config.clone(), session),
+        Err(e) => Err(e),
+    };
+    closer.shutdown();
+    result
+}
