@@ -2,6 +2,7 @@
 
 mod amend;
 mod attach;
+mod bench;
 mod check;
 mod commit;
 mod common;
@@ -52,6 +53,8 @@ enum Command {
     Amend(amend::Args),
     /// Compute how large a new image would be.
     Measure(measure::Args),
+    /// Run a simple I/O benchmark on an image.
+    Bench(bench::Args),
     /// Give an image a new backing file (copying what differs).
     Rebase(rebase::Args),
     /// Write an image's data into its backing file.
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         Command::Resize(a) => resize::run(a),
         Command::Amend(a) => amend::run(a),
         Command::Measure(a) => measure::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Commit(a) => commit::run(a),
         Command::Snapshot(a) => snapshot::run(a),

@@ -566,3 +566,98 @@ fn convert_backing_target_is_zero_and_cache_flags_behave_as_in_qemu_img() {
     let r = qemu_img(&["compare", "-F", "raw", s(&t), s(&src)]);
     assert_eq!(r.code, 0, "{}", r.stdout);
 }
+
+#[test]
+fn bench_runs_what_qemu_img_bench_runs_and_says_so_alike() {
+    let sc = Scratch::new();
+    let img = sc.path("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]).ok();
+    for args in [
+        &["bench", "-c", "1000", "-d", "8", "-f", "qcow2"][..],
+        &[
+            "bench",
+            "-w",
+            "-c",
+            "20",
+            "-s",
+            "64k",
+            "-S",
+            "128k",
+            "-o",
+            "1M",
+            "--pattern",
+            "0xab",
+            "-d",
+            "4",
+            "--flush-interval",
+            "5",
+            "-f",
+            "qcow2",
+        ],
+    ] {
+        let mut a = args.to_vec();
+        a.push(s(&img));
+        let q = qemu_img(&a).ok();
+        let i = imgloop(&a).ok();
+        let lines = |r: &Run| r.stdout.lines().map(str::to_string).collect::<Vec<_>>();
+        let (ql, il) = (lines(&q), lines(&i));
+        assert_eq!(ql.len(), il.len(), "{args:?}");
+        // Everything but the time is the same.
+        assert_eq!(ql[..ql.len() - 1], il[..il.len() - 1], "{args:?}");
+        assert!(
+            il.last().unwrap().starts_with("Run completed in ")
+                && il.last().unwrap().ends_with(" seconds.")
+        );
+    }
+    let bad = ["bench", "-w", "--flush-interval", "5", s(&img)];
+    assert_eq!((imgloop(&bad).code, qemu_img(&bad).code), (1, 1));
+    assert!(imgloop(&bad)
+        .stderr
+        .contains("Flush interval can't be smaller than depth"));
+    // The writes landed where the requests said: 20 × 64 KiB from 1 MiB
+    // in steps of 128 KiB, wrapping at the end of the 4 MiB disk.
+    for k in 0..20u64 {
+        let off = (1048576 + k * 131072) % (4 << 20);
+        qemu_io("qcow2", &img, &[&format!("read -P 0xab {off} 64k")]).ok();
+    }
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+}
+
+#[test]
+fn qcow2_resize_preallocates_the_added_part_as_qemu_img_does() {
+    let sc = Scratch::new();
+    for mode in ["metadata", "falloc", "full"] {
+        let q = sc.path(&format!("q-{mode}.qcow2"));
+        let i = sc.path(&format!("i-{mode}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&q), "1M"]).ok();
+        qemu_io("qcow2", &q, &["write -P 5 0 100k"]).ok();
+        std::fs::copy(&q, &i).unwrap();
+        let opt = format!("--preallocation={mode}");
+        qemu_img(&["resize", "-q", &opt, s(&q), "+3M"]).ok();
+        imgloop(&["resize", "-q", &opt, s(&i), "+3M"]).ok();
+        assert_eq!(qemu_img(&["check", s(&i)]).code, 0, "{mode}");
+        let strip = |p: &std::path::Path| {
+            let v = qemu_img(&["map", "--output=json", s(p)]).ok().json();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    e.as_object_mut().unwrap().remove("offset");
+                    e
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            strip(&i),
+            strip(&q),
+            "{mode}: allocation differs from qemu-img's"
+        );
+        let r = qemu_img(&["compare", s(&i), s(&q)]);
+        assert_eq!(r.code, 0, "{mode}: {}", r.stdout);
+        if mode != "metadata" {
+            // The added clusters take space on the host, as qemu-img's do.
+            assert!(allocated(&i) + (64 << 10) >= allocated(&q), "{mode}");
+        }
+    }
+}

@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 
 /// Changes the virtual size (the generic layer keeps writes out).
 pub(super) fn resize(img: &Qcow2, new_size: u64, prealloc: Preallocation) -> Result<()> {
-    if prealloc != Preallocation::Off {
+    if prealloc != Preallocation::Off && img.crypt.is_some() {
         return Err(Error::unsupported(
-            "qcow2 resize supports only preallocation=off",
+            "preallocation of encrypted images (preallocated clusters would not decrypt to zeroes)",
         ));
     }
     if new_size > header::MAX_VIRTUAL_SIZE {
@@ -75,6 +75,11 @@ pub(super) fn resize(img: &Qcow2, new_size: u64, prealloc: Preallocation) -> Res
         img.sync_file()?;
     }
     img.size.store(new_size, Ordering::Release);
+    if prealloc != Preallocation::Off && new_size > old {
+        drop(tables);
+        drop(_serial);
+        return preallocate_range(img, old, new_size, prealloc);
+    }
     if img.external_data {
         // The data file follows the disk size, as at creation.
         img.data()
@@ -95,4 +100,52 @@ pub(super) fn resize(img: &Qcow2, new_size: u64, prealloc: Preallocation) -> Res
         }
     }
     Ok(())
+}
+
+/// Allocates the L2 tables and data clusters of the guest range
+/// `[from, to)` that have none (`metadata`), and with `falloc` or `full`
+/// reserves or zeroes their space, as `qemu-img resize --preallocation`
+/// does for the added part of the disk.
+fn preallocate_range(img: &Qcow2, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+    let cs = img.cluster_size;
+    let mut fresh: Vec<u64> = Vec::new();
+    let mut g = from - from % cs;
+    while g < to {
+        let _claim = img.units.lock(g >> img.cluster_bits);
+        let mut tables = img.tables_mut();
+        img.l2_for_write(&mut tables, g)?;
+        if img.lookup(&mut tables, g)?.0 == Cluster::Unallocated {
+            let host = if img.external_data {
+                g
+            } else {
+                img.alloc_clusters(&mut tables, 1)?
+            };
+            let bitmap = if img.ext_l2 { entry::ALL_ALLOC } else { 0 };
+            img.set_l2(&mut tables, g, host | entry::COPIED, bitmap)?;
+            fresh.push(host);
+        }
+        let full = tables.l2.over_capacity() || tables.rc.over_capacity();
+        drop(tables);
+        if full {
+            img.flush_meta()?;
+        }
+        g += cs;
+    }
+    let data = img.data();
+    let io = |what: &'static str| move |e| Error::io(what, e);
+    // The space first (it reads as zeroes), then the metadata naming it.
+    let end = fresh.iter().map(|h| h + cs).max().unwrap_or(0);
+    if end > data.len().map_err(io("reading the file size"))? {
+        data.set_len(end).map_err(io("extending the file"))?;
+    }
+    for &h in &fresh {
+        match mode {
+            Preallocation::Falloc => data.allocate(h, cs).map_err(io("preallocating"))?,
+            Preallocation::Full => data
+                .zero_range(h, cs, false)
+                .map_err(io("writing zeroes"))?,
+            _ => {}
+        }
+    }
+    img.flush_meta()
 }
