@@ -3,6 +3,7 @@
 mod amend;
 mod attach;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod common;
@@ -55,6 +56,8 @@ enum Command {
     Measure(measure::Args),
     /// Run a simple I/O benchmark on an image.
     Bench(bench::Args),
+    /// Add, remove, clear, enable or disable persistent bitmaps.
+    Bitmap(bitmap::Args),
     /// Give an image a new backing file (copying what differs).
     Rebase(rebase::Args),
     /// Write an image's data into its backing file.
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         Command::Amend(a) => amend::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Commit(a) => commit::run(a),
         Command::Snapshot(a) => snapshot::run(a),

@@ -661,3 +661,84 @@ fn qcow2_resize_preallocates_the_added_part_as_qemu_img_does() {
         }
     }
 }
+
+#[test]
+fn bitmaps_are_added_removed_and_kept_through_resize_as_qemu_img_does() {
+    let sc = Scratch::new();
+    let img = sc.path("bm.qcow2");
+    imgloop(&["create", "-q", "-f", "qcow2", s(&img), "4M"]).ok();
+    imgloop(&["bitmap", "--add", s(&img), "x"]).ok();
+    imgloop(&["bitmap", "--add", "-g", "4096", "--disable", s(&img), "z"]).ok();
+    let bitmaps = |p: &std::path::Path| {
+        qemu_img(&["info", "--output=json", s(p)]).ok().json()["format-specific"]["data"]["bitmaps"]
+            .clone()
+    };
+    let want = serde_json::json!([
+        {"flags": ["auto"], "name": "x", "granularity": 65536},
+        {"flags": [], "name": "z", "granularity": 4096},
+    ]);
+    assert_eq!(bitmaps(&img), want);
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    // Errors with qemu-img's words.
+    for (args, msg) in [
+        (
+            vec!["bitmap", "--add", s(&img), "x"],
+            "Operation add on bitmap x failed",
+        ),
+        (
+            vec!["bitmap", "--remove", s(&img), "nope"],
+            "Dirty bitmap 'nope' not found",
+        ),
+        (
+            vec!["bitmap", "--add", "-g", "100", s(&img), "y"],
+            "Granularity must be power of 2",
+        ),
+        (
+            vec!["bitmap", s(&img), "x"],
+            "Need at least one of --add, --remove",
+        ),
+    ] {
+        let (q, i) = (qemu_img(&args), imgloop(&args));
+        assert_eq!((i.code, q.code), (1, 1), "{args:?}");
+        assert!(i.stderr.contains(msg), "{args:?}: {}", i.stderr);
+    }
+    // qemu-img works on imgloop's bitmaps and the other way round.
+    qemu_img(&["bitmap", "--disable", s(&img), "x"]).ok();
+    qemu_img(&["bitmap", "--add", s(&img), "from-qemu"]).ok();
+    imgloop(&["bitmap", "--enable", s(&img), "x"]).ok();
+    imgloop(&["bitmap", "--clear", s(&img), "from-qemu"]).ok();
+    imgloop(&["bitmap", "--remove", s(&img), "z"]).ok();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    let names: Vec<String> = bitmaps(&img)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["x", "from-qemu"]);
+    // Resize keeps them valid, as qemu-img's resize does.
+    imgloop(&["resize", "-q", s(&img), "64M"]).ok();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    assert_eq!(bitmaps(&img).as_array().unwrap().len(), 2);
+    imgloop(&["resize", "-q", "--shrink", s(&img), "2M"]).ok();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    // After the last one goes, the extension goes too.
+    imgloop(&["bitmap", "--remove", s(&img), "x"]).ok();
+    imgloop(&["bitmap", "--remove", s(&img), "from-qemu"]).ok();
+    assert!(bitmaps(&img).is_null());
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    // A guest write with an enabled bitmap makes the bitmaps stale (imgloop
+    // does not record writes); with only disabled ones they stay valid.
+    imgloop(&["bitmap", "--add", "--disable", s(&img), "frozen"]).ok();
+    imgloop_io("qcow2", &img, &["write -P 1 0 64k"]).ok();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    assert_eq!(bitmaps(&img).as_array().unwrap().len(), 1);
+    imgloop(&["bitmap", "--add", s(&img), "live"]).ok();
+    imgloop_io("qcow2", &img, &["write -P 2 0 64k"]).ok();
+    let c = qemu_img(&["check", s(&img)]);
+    assert!(
+        c.stderr.contains("bitmaps are now considered inconsistent"),
+        "{}",
+        c.stderr
+    );
+}

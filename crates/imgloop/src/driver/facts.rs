@@ -285,6 +285,28 @@ impl SnapshotSelector {
     }
 }
 
+/// One `bitmap` operation on a persistent dirty bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BitmapOp {
+    /// A new, empty bitmap; granularity in bytes (default: the format's).
+    Add {
+        /// Its name.
+        name: String,
+        /// Bytes of disk per bit.
+        granularity: Option<u64>,
+        /// It tracks writes (`auto`).
+        enabled: bool,
+    },
+    /// Delete a bitmap and free its clusters.
+    Remove(String),
+    /// Clear every bit.
+    Clear(String),
+    /// Track writes.
+    Enable(String),
+    /// Stop tracking writes.
+    Disable(String),
+}
+
 /// What `amend` changes: the `-o` options, the secrets they name
 /// (`encrypt.new-secret`, `encrypt.old-secret`), and `--force`.
 #[derive(Clone, Debug, Default)]

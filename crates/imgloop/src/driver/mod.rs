@@ -23,7 +23,7 @@ mod facts;
 mod mapping;
 
 pub use facts::{
-    AmendOptions, BackingRef, BitmapSpecific, CheckReport, CreateOptions, DriverInfo,
+    AmendOptions, BackingRef, BitmapOp, BitmapSpecific, CheckReport, CreateOptions, DriverInfo,
     DriverOpenOptions, EncryptSpecific, FormatSpecific, LuksSlotInfo, LuksSpecific, OptionSpec,
     ParallelsBitmap, ParallelsSpecific, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
     SnapshotSelector, VhdxSpecific,
@@ -290,6 +290,13 @@ pub trait Driver: Send + Sync {
     /// as its backing file (`commit` without `-d`).
     fn make_empty(&self) -> Result<()> {
         Err(Error::unsupported("Operation not supported"))
+    }
+
+    /// Changes the persistent dirty bitmaps (`imgloop bitmap`).
+    fn bitmap(&self, _op: &BitmapOp) -> Result<()> {
+        Err(Error::unsupported(
+            "Persistent bitmaps are not supported by this image format",
+        ))
     }
 
     /// The persistent dirty bitmaps (name, granularity in bytes), or

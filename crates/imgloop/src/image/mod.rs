@@ -296,6 +296,13 @@ impl Image {
         self.driver.set_backing(backing).map_err(|e| self.err(e))
     }
 
+    /// Changes the image's persistent dirty bitmaps.
+    pub fn bitmap(&self, op: &crate::driver::BitmapOp) -> Result<()> {
+        self.check_writable("bitmap")?;
+        let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        self.driver.bitmap(op).map_err(|e| self.err(e))
+    }
+
     /// Makes every cluster of this layer unallocated (`commit`).
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable("commit")?;

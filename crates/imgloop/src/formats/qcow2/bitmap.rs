@@ -1,5 +1,6 @@
-//! The bitmaps extension, read side: the bitmap directory (names,
-//! granularity, flags and table locations), for `info` and checks.
+//! The bitmaps extension: the bitmap directory (names, granularity,
+//! flags and table locations), read for `info` and checks and encoded
+//! for `bitmap_ops`.
 //!
 //! Extension payload: `nb_bitmaps` (u32), reserved (u32),
 //! `bitmap_directory_size` (u64), `bitmap_directory_offset` (u64).
@@ -33,6 +34,47 @@ pub struct Bitmap {
     pub granularity_bits: u8,
     /// The bitmap's name.
     pub name: String,
+    /// Its type (1: dirty tracking).
+    pub kind: u8,
+    /// Extra data, kept as it is.
+    pub extra: Vec<u8>,
+}
+
+impl Bitmap {
+    /// Bitmap table entries a disk of `size` bytes needs at cluster size `cs`.
+    pub fn table_entries(size: u64, granularity_bits: u8, cs: u64) -> u64 {
+        let bits = size.div_ceil(1u64 << granularity_bits.min(63));
+        bits.div_ceil(8).div_ceil(cs)
+    }
+}
+
+/// Encodes a bitmap directory.
+pub fn encode_directory(list: &[Bitmap]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in list {
+        let start = out.len();
+        out.extend_from_slice(&b.table_offset.to_be_bytes());
+        out.extend_from_slice(&b.table_size.to_be_bytes());
+        out.extend_from_slice(&b.flags.to_be_bytes());
+        out.push(b.kind);
+        out.push(b.granularity_bits);
+        out.extend_from_slice(&(b.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&(b.extra.len() as u32).to_be_bytes());
+        out.extend_from_slice(&b.extra);
+        out.extend_from_slice(b.name.as_bytes());
+        let len = out.len() - start;
+        out.resize(start + len.div_ceil(8) * 8, 0);
+    }
+    out
+}
+
+/// The extension payload naming a directory of `count` entries.
+pub fn encode_extension(count: u32, dir_size: u64, dir_offset: u64) -> Vec<u8> {
+    let mut e = count.to_be_bytes().to_vec();
+    e.extend_from_slice(&0u32.to_be_bytes());
+    e.extend_from_slice(&dir_size.to_be_bytes());
+    e.extend_from_slice(&dir_offset.to_be_bytes());
+    e
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -67,6 +109,8 @@ pub fn parse_directory(dir: &[u8], count: u32) -> Result<Vec<Bitmap>> {
             flags: be32(e, 12),
             granularity_bits: e[17],
             name: String::from_utf8_lossy(&e[24 + extra..end]).into_owned(),
+            kind: e[16],
+            extra: e[24..24 + extra].to_vec(),
         });
         pos += end.div_ceil(8) * 8;
     }
@@ -139,6 +183,8 @@ mod tests {
         assert_eq!(list[1].name, "second-bitmap");
         assert_eq!(list[1].granularity_bits, 17);
         assert_eq!(list[1].table_offset, 0x5_0000);
+        // Encoding gives the same bytes back.
+        assert_eq!(encode_directory(&list), dir);
     }
 
     #[test]

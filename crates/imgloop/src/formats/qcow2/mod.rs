@@ -31,6 +31,7 @@
 mod alloc;
 mod amend;
 pub mod bitmap;
+mod bitmap_ops;
 mod check;
 mod compress;
 mod create;
@@ -325,6 +326,9 @@ pub struct Qcow2 {
     pub(crate) snapshot_view: bool,
     /// The encryption of guest data (LUKS or legacy AES), if any.
     pub(crate) crypt: Option<crypt::Encryption>,
+    /// Read-write: the persistent bitmaps are still valid (see
+    /// `bitmap_ops`).
+    pub(crate) bitmaps_kept: std::sync::atomic::AtomicBool,
 }
 
 impl Qcow2 {
@@ -438,6 +442,7 @@ impl Driver for Qcow2 {
     }
 
     fn map_write(&self, offset: u64, len: u64) -> Result<WriteMapping> {
+        self.before_data_change()?;
         write::map_write(self, offset, len)
     }
 
@@ -450,10 +455,12 @@ impl Driver for Qcow2 {
     }
 
     fn map_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<ZeroMapping> {
+        self.before_data_change()?;
         write::map_zeroes(self, offset, len, flags)
     }
 
     fn map_discard(&self, offset: u64, len: u64) -> Result<DiscardMapping> {
+        self.before_data_change()?;
         write::map_discard(self, offset, len)
     }
 
@@ -473,6 +480,7 @@ impl Driver for Qcow2 {
     }
 
     fn write_compressed(&self, packed: &[u8], offset: u64) -> Result<bool> {
+        self.before_data_change()?;
         compress::write_compressed(self, packed, offset)
     }
 
@@ -540,9 +548,25 @@ impl Driver for Qcow2 {
     }
 
     fn make_empty(&self) -> Result<()> {
+        self.before_data_change()?;
         let size = self.size.load(Ordering::Acquire);
         write::unallocate(self, 0, size)?;
         self.flush_meta()
+    }
+
+    fn bitmap(&self, op: &crate::driver::BitmapOp) -> Result<()> {
+        use crate::driver::BitmapOp;
+        match op {
+            BitmapOp::Add {
+                name,
+                granularity,
+                enabled,
+            } => self.add_bitmap(name, *granularity, *enabled),
+            BitmapOp::Remove(n) => self.remove_bitmap(n),
+            BitmapOp::Clear(n) => self.clear_bitmap(n),
+            BitmapOp::Enable(n) => self.enable_bitmap(n, true),
+            BitmapOp::Disable(n) => self.enable_bitmap(n, false),
+        }
     }
 
     fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
@@ -567,6 +591,7 @@ impl Driver for Qcow2 {
     }
 
     fn snapshot_apply(&self, key: &str) -> Result<()> {
+        self.before_data_change()?;
         self.apply_snapshot(key)
     }
 

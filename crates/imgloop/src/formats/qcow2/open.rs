@@ -155,6 +155,7 @@ impl Qcow2 {
             metadata_prealloc: OnceLock::new(),
             snapshot_view: false,
             crypt,
+            bitmaps_kept: std::sync::atomic::AtomicBool::new(false),
         };
         let view = ["snapshot", "snapshot.id", "snapshot.name"]
             .iter()
@@ -193,9 +194,14 @@ impl Qcow2 {
             self.write_header(&tables)?;
         }
         let mut tables = self.tables_mut();
-        let unknown = tables.header.autoclear_features & !header::autoclear::SUPPORTED;
+        // Valid bitmaps stay valid until guest data changes (bitmap_ops).
+        let keep = self.keep_bitmaps_at_open(&tables);
+        self.bitmaps_kept
+            .store(keep, std::sync::atomic::Ordering::Release);
+        let kept = header::autoclear::SUPPORTED | if keep { header::autoclear::BITMAPS } else { 0 };
+        let unknown = tables.header.autoclear_features & !kept;
         if unknown != 0 {
-            tables.header.autoclear_features &= header::autoclear::SUPPORTED;
+            tables.header.autoclear_features &= kept;
             self.write_header(&tables)?;
             self.sync_file()?;
         }

@@ -75,6 +75,8 @@ pub(super) fn resize(img: &Qcow2, new_size: u64, prealloc: Preallocation) -> Res
         img.sync_file()?;
     }
     img.size.store(new_size, Ordering::Release);
+    // Bitmaps follow the disk, as QEMU resizes them.
+    img.resize_bitmaps(&mut tables, new_size)?;
     if prealloc != Preallocation::Off && new_size > old {
         drop(tables);
         drop(_serial);

@@ -1,0 +1,329 @@
+//! Persistent dirty bitmaps, write side: adding, removing, clearing,
+//! enabling and disabling bitmaps (`imgloop bitmap`), resizing them with
+//! the disk, and keeping the extension's autoclear bit true.
+//!
+//! imgloop does not record guest writes in bitmaps. A read-write open
+//! keeps the bitmaps valid (the autoclear bit stays set) until the first
+//! change of guest data while an enabled (`auto`) bitmap exists: then the
+//! bit is cleared first, so QEMU treats the bitmaps as stale rather than
+//! trusting bitmaps that miss writes. Disabled bitmaps stay valid.
+//!
+//! Every change ends in one header write (the extension names the new
+//! directory) after the new tables and directory are durable; the old
+//! ones are freed after it.
+
+use super::bitmap::{self, Bitmap, FLAG_AUTO, FLAG_IN_USE};
+use super::header::{autoclear, ext};
+use super::open::read_u64_table;
+use super::{Qcow2, Tables};
+use crate::error::{Error, ErrorKind, Result};
+use std::sync::atomic::Ordering;
+
+/// Bits 9..55 of a bitmap table entry: the data cluster.
+const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Longest bitmap name (QEMU's limit).
+const MAX_NAME: usize = 1023;
+
+impl Qcow2 {
+    /// The bitmaps the header names, when they are consistent.
+    pub(crate) fn bitmap_list(&self, t: &Tables) -> Result<Vec<Bitmap>> {
+        let h = &t.header;
+        let Some(e) = h.extension(ext::BITMAPS) else {
+            return Ok(Vec::new());
+        };
+        if h.autoclear_features & autoclear::BITMAPS == 0 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "the image's bitmaps are inconsistent (a program without bitmap support \
+                 wrote it); remove them with qemu-img or repair with check -r",
+            ));
+        }
+        bitmap::read_directory(self.file(), e)
+    }
+
+    /// Whether the bitmaps stay valid across this read-write open (set at
+    /// open: the bit is set and the directory reads).
+    pub(crate) fn keep_bitmaps_at_open(&self, t: &Tables) -> bool {
+        t.header.extension(ext::BITMAPS).is_some()
+            && t.header.autoclear_features & autoclear::BITMAPS != 0
+            && self.bitmap_list(t).is_ok()
+    }
+
+    /// Before guest data changes: with an enabled bitmap, the bitmaps
+    /// stop being valid (imgloop does not record the change).
+    pub(crate) fn before_data_change(&self) -> Result<()> {
+        if !self.bitmaps_kept.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _serial = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self.tables_mut();
+        if !self.bitmaps_kept.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let any_enabled = self
+            .bitmap_list(&t)
+            .map(|l| l.iter().any(|b| b.flags & FLAG_AUTO != 0))
+            .unwrap_or(true);
+        if !any_enabled {
+            return Ok(());
+        }
+        t.header.autoclear_features &= !autoclear::BITMAPS;
+        self.write_header(&t)?;
+        self.sync_file()?;
+        self.bitmaps_kept.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// The data clusters a bitmap table references.
+    fn bitmap_data(&self, b: &Bitmap) -> Result<Vec<u64>> {
+        if b.table_size == 0 {
+            return Ok(Vec::new());
+        }
+        let table = read_u64_table(
+            self.file(),
+            b.table_offset,
+            b.table_size as u64,
+            self.cluster_size,
+            "bitmap table",
+        )?;
+        Ok(table
+            .iter()
+            .map(|e| e & TABLE_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect())
+    }
+
+    /// Writes a bitmap table of `entries` to fresh clusters.
+    fn write_bitmap_table(&self, t: &mut Tables, entries: &[u64]) -> Result<u64> {
+        let cs = self.cluster_size;
+        let mut bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let clusters = (bytes.len() as u64).div_ceil(cs).max(1);
+        bytes.resize((clusters * cs) as usize, 0);
+        let off = self.alloc_clusters(t, clusters)?;
+        self.file()
+            .write_at(&bytes, off)
+            .map_err(|e| Error::io("writing a bitmap table", e).at("bitmap table", off))?;
+        Ok(off)
+    }
+
+    /// Makes `list` the bitmaps: a new directory, then the header naming
+    /// it (without bitmaps: no extension); then `free` (byte ranges) and
+    /// the old directory are released.
+    fn switch_bitmaps(&self, t: &mut Tables, list: &[Bitmap], free: Vec<(u64, u64)>) -> Result<()> {
+        let cs = self.cluster_size;
+        let old = t.header.extension(ext::BITMAPS).map(|e| e.to_vec());
+        let (payload, bit) = if list.is_empty() {
+            (None, false)
+        } else {
+            let dir = bitmap::encode_directory(list);
+            let clusters = (dir.len() as u64).div_ceil(cs);
+            let off = self.alloc_clusters(t, clusters)?;
+            self.file()
+                .write_at(&dir, off)
+                .map_err(|e| Error::io("writing the bitmap directory", e))?;
+            (
+                Some(bitmap::encode_extension(
+                    list.len() as u32,
+                    dir.len() as u64,
+                    off,
+                )),
+                true,
+            )
+        };
+        // Tables, directory and their refcounts durable first.
+        self.flush_held(t)?;
+        self.sync_file()?;
+        t.header.set_extension(ext::BITMAPS, payload);
+        if bit {
+            t.header.autoclear_features |= autoclear::BITMAPS;
+        } else {
+            t.header.autoclear_features &= !autoclear::BITMAPS;
+        }
+        self.write_header(t)?;
+        self.sync_file()?;
+        self.bitmaps_kept.store(bit, Ordering::Release);
+        if let Some(e) = old.filter(|e| e.len() >= 24) {
+            let size = u64::from_be_bytes(e[8..16].try_into().expect("8 bytes"));
+            let off = u64::from_be_bytes(e[16..24].try_into().expect("8 bytes"));
+            if size > 0 {
+                self.release_range(t, off, size.div_ceil(cs) * cs);
+            }
+        }
+        for (off, len) in free {
+            self.release_range(t, off, len);
+        }
+        self.flush_held(t)
+    }
+
+    /// Runs `f` on the bitmap list under the locks, for a writable image.
+    fn edit_bitmaps<R>(
+        &self,
+        f: impl FnOnce(&Self, &mut Tables, &mut Vec<Bitmap>, &mut Vec<(u64, u64)>) -> Result<R>,
+    ) -> Result<R> {
+        let _serial = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tables = self.tables_mut();
+        let t = &mut *tables;
+        self.check_writable(t)?;
+        if !self.v3() {
+            return Err(Error::unsupported(
+                "persistent bitmaps need a version 3 (compat=1.1) image",
+            ));
+        }
+        self.flush_held(t)?;
+        let mut list = self.bitmap_list(t)?;
+        let mut free = Vec::new();
+        let r = f(self, t, &mut list, &mut free)?;
+        self.switch_bitmaps(t, &list, free)?;
+        Ok(r)
+    }
+
+    fn find_bitmap(list: &[Bitmap], name: &str) -> Result<usize> {
+        list.iter().position(|b| b.name == name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("Dirty bitmap '{name}' not found"),
+            )
+        })
+    }
+
+    /// `bitmap --add NAME [-g GRANULARITY] [--disable]`.
+    pub(crate) fn add_bitmap(
+        &self,
+        name: &str,
+        granularity: Option<u64>,
+        enabled: bool,
+    ) -> Result<()> {
+        let cs = self.cluster_size;
+        let size = self.size.load(Ordering::Acquire);
+        self.edit_bitmaps(|q, t, list, _| {
+            if name.is_empty() || name.len() > MAX_NAME {
+                return Err(Error::invalid_argument("Bitmap names are 1 to 1023 bytes"));
+            }
+            if list.iter().any(|b| b.name == name) {
+                return Err(Error::invalid_argument(format!(
+                    "Bitmap already exists: {name}"
+                )));
+            }
+            if list.len() >= 65535 {
+                return Err(Error::new(ErrorKind::NoSpace, "too many bitmaps"));
+            }
+            let g = granularity.unwrap_or(cs.max(65536));
+            if !g.is_power_of_two() || !(512..=(1u64 << 31)).contains(&g) {
+                return Err(Error::invalid_argument(
+                    "Granularity must be power of 2 and between 512 and 2147483648",
+                ));
+            }
+            let gbits = g.trailing_zeros() as u8;
+            let entries = Bitmap::table_entries(size, gbits, cs);
+            let table_offset = q.write_bitmap_table(t, &vec![0u64; entries as usize])?;
+            list.push(Bitmap {
+                table_offset,
+                table_size: entries as u32,
+                flags: if enabled { FLAG_AUTO } else { 0 },
+                granularity_bits: gbits,
+                name: name.to_string(),
+                kind: 1,
+                extra: Vec::new(),
+            });
+            Ok(())
+        })
+    }
+
+    /// `bitmap --remove NAME`.
+    pub(crate) fn remove_bitmap(&self, name: &str) -> Result<()> {
+        self.edit_bitmaps(|q, _, list, free| {
+            let i = Self::find_bitmap(list, name)?;
+            let b = list.remove(i);
+            let cs = q.cluster_size;
+            for d in q.bitmap_data(&b)? {
+                free.push((d, cs));
+            }
+            if b.table_size > 0 {
+                free.push((b.table_offset, (b.table_size as u64 * 8).div_ceil(cs) * cs));
+            }
+            Ok(())
+        })
+    }
+
+    /// `bitmap --clear NAME`: every bit zero.
+    pub(crate) fn clear_bitmap(&self, name: &str) -> Result<()> {
+        self.edit_bitmaps(|q, t, list, free| {
+            let i = Self::find_bitmap(list, name)?;
+            let cs = q.cluster_size;
+            let b = &list[i];
+            if b.flags & FLAG_IN_USE != 0 {
+                return Err(Error::invalid_argument(format!(
+                    "Bitmap '{name}' is inconsistent and cannot be used"
+                )));
+            }
+            for d in q.bitmap_data(b)? {
+                free.push((d, cs));
+            }
+            if b.table_size > 0 {
+                free.push((b.table_offset, (b.table_size as u64 * 8).div_ceil(cs) * cs));
+            }
+            let entries = b.table_size as usize;
+            list[i].table_offset = q.write_bitmap_table(t, &vec![0u64; entries])?;
+            Ok(())
+        })
+    }
+
+    /// `bitmap --enable NAME` / `--disable NAME`.
+    pub(crate) fn enable_bitmap(&self, name: &str, on: bool) -> Result<()> {
+        self.edit_bitmaps(|_, _, list, _| {
+            let i = Self::find_bitmap(list, name)?;
+            if list[i].flags & FLAG_IN_USE != 0 {
+                return Err(Error::invalid_argument(format!(
+                    "Bitmap '{name}' is inconsistent and cannot be used"
+                )));
+            }
+            if on {
+                list[i].flags |= FLAG_AUTO;
+            } else {
+                list[i].flags &= !FLAG_AUTO;
+            }
+            Ok(())
+        })
+    }
+
+    /// After a resize to `new_size` (caller holds the locks): each valid
+    /// bitmap's table grows with clean (zero) entries or is cut, freeing
+    /// the data clusters past the end, as QEMU resizes bitmaps.
+    pub(crate) fn resize_bitmaps(&self, t: &mut Tables, new_size: u64) -> Result<()> {
+        if !self.bitmaps_kept.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let cs = self.cluster_size;
+        let mut list = self.bitmap_list(t)?;
+        let mut free = Vec::new();
+        for b in &mut list {
+            let want = Bitmap::table_entries(new_size, b.granularity_bits, cs);
+            if want == b.table_size as u64 {
+                continue;
+            }
+            let mut table = if b.table_size == 0 {
+                Vec::new()
+            } else {
+                read_u64_table(
+                    self.file(),
+                    b.table_offset,
+                    b.table_size as u64,
+                    cs,
+                    "bitmap table",
+                )?
+            };
+            for &e in table.iter().skip(want as usize) {
+                if e & TABLE_OFFSET_MASK != 0 {
+                    free.push((e & TABLE_OFFSET_MASK, cs));
+                }
+            }
+            table.resize(want as usize, 0);
+            if b.table_size > 0 {
+                free.push((b.table_offset, (b.table_size as u64 * 8).div_ceil(cs) * cs));
+            }
+            b.table_offset = self.write_bitmap_table(t, &table)?;
+            b.table_size = want as u32;
+        }
+        self.switch_bitmaps(t, &list, free)
+    }
+}
