@@ -74,6 +74,13 @@ pub struct Args {
     /// reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     source_cache: Option<String>,
+    /// Unreadable ranges of the source are written as zeroes (with a
+    /// warning each) instead of ending the copy.
+    #[arg(long)]
+    salvage: bool,
+    /// Rate limit in bytes per second (suffixes k, M, G).
+    #[arg(short = 'r', value_name = "RATE")]
+    rate: Option<String>,
     /// Open the source without taking locks.
     #[arg(short = 'U', long)]
     force_share: bool,
@@ -328,6 +335,13 @@ fn convert(a: &Args) -> Result<()> {
         turn: Condvar::new(),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
+        salvage: a.salvage,
+        rate: match &a.rate {
+            Some(r) => Some(parse_size(r)?.max(1)),
+            None => None,
+        },
+        start: std::time::Instant::now(),
+        copied: std::sync::atomic::AtomicU64::new(0),
         progress: &progress,
         jobs: &jobs,
     };
@@ -362,6 +376,12 @@ struct Copier<'a> {
     error: Mutex<Option<Error>>,
     progress: &'a Progress,
     jobs: &'a [Job],
+    /// `--salvage`: unreadable source ranges become zeroes (with a warning).
+    salvage: bool,
+    /// `-r`: at most this many bytes per second, counted from `start`.
+    rate: Option<u64>,
+    start: std::time::Instant,
+    copied: std::sync::atomic::AtomicU64,
 }
 
 /// Pieces read (and compressed) ahead, waiting to be written in job order.
@@ -486,7 +506,11 @@ impl Copier<'_> {
             return Ok(Work::Offload(job, h));
         }
         let mut data = vec![0u8; job.len as usize];
-        self.src.read(&mut data, job.offset)?;
+        match self.src.read(&mut data, job.offset) {
+            Ok(()) => {}
+            Err(e) if self.salvage => self.salvage_read(&mut data, job.offset, e),
+            Err(e) => return Err(e),
+        }
         if self.compress {
             let packed = self.compress_units(&data, job.offset)?;
             return Ok(Work::Packed(job, data, packed));
@@ -494,7 +518,40 @@ impl Copier<'_> {
         Ok(Work::Data(job, data, src_host))
     }
 
+    /// `--salvage`: reads `data` (guest `offset`) in 64 KiB pieces; the
+    /// pieces that fail read as zeroes, each with a warning.
+    fn salvage_read(&self, data: &mut [u8], offset: u64, first: Error) {
+        eprintln!("imgloop: warning: error while reading at offset {offset}: {first}; salvaging");
+        const PIECE: usize = 65536;
+        for (i, piece) in data.chunks_mut(PIECE).enumerate() {
+            let at = offset + (i * PIECE) as u64;
+            if let Err(e) = self.src.read(piece, at) {
+                eprintln!(
+                    "imgloop: warning: error while reading offset {at}: {e}; written as zeroes"
+                );
+                piece.fill(0);
+            }
+        }
+    }
+
     fn write(&self, work: Work) -> Result<()> {
+        let len = work.job().len;
+        let r = self.write_unthrottled(work);
+        if let Some(rate) = self.rate {
+            // No faster than `rate` bytes per second on average.
+            let done = self
+                .copied
+                .fetch_add(len, std::sync::atomic::Ordering::AcqRel)
+                + len;
+            let due = std::time::Duration::from_secs_f64(done as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        r
+    }
+
+    fn write_unthrottled(&self, work: Work) -> Result<()> {
         match work {
             Work::Zero(job) => self.write_zero(job.offset, job.len),
             Work::Offload(job, h) => self.offload(h, job.offset, job.len),

@@ -742,3 +742,65 @@ fn bitmaps_are_added_removed_and_kept_through_resize_as_qemu_img_does() {
         c.stderr
     );
 }
+
+#[test]
+fn convert_salvage_and_rate_limit_behave_as_in_qemu_img() {
+    let sc = Scratch::new();
+    let img = sc.path("sv.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]).ok();
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 1 0 64k",
+            "write -c -P 2 64k 64k",
+            "write -P 3 128k 64k",
+        ],
+    )
+    .ok();
+    // Break the compressed cluster's deflate stream (L1[0] -> L2[1]).
+    let mut f = std::fs::read(&img).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be(&f, 40) as usize;
+    let l2 = (be(&f, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let host = (be(&f, l2 + 8) & ((1 << 54) - 1)) as usize;
+    f[host..host + 32].fill(0xff);
+    std::fs::write(&img, &f).unwrap();
+    let (a, b) = (sc.path("q.raw"), sc.path("i.raw"));
+    // Without --salvage both fail; with it both copy, zeroes for the bad part.
+    assert_eq!(qemu_img(&["convert", "-O", "raw", s(&img), s(&a)]).code, 1);
+    assert_eq!(imgloop(&["convert", "-O", "raw", s(&img), s(&b)]).code, 1);
+    let _ = std::fs::remove_file(&b);
+    qemu_img(&["convert", "--salvage", "-O", "raw", s(&img), s(&a)]).ok();
+    let r = imgloop(&["convert", "--salvage", "-O", "raw", s(&img), s(&b)]).ok();
+    assert!(
+        r.stderr.contains("warning: error while reading"),
+        "{}",
+        r.stderr
+    );
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+    // -r: 4 MiB at 8 MiB/s takes at least about half a second (a slower
+    // machine only makes it longer).
+    let src = sc.path("r.raw");
+    std::fs::write(&src, vec![7u8; 4 << 20]).unwrap();
+    let t = std::time::Instant::now();
+    imgloop(&[
+        "convert",
+        "-r",
+        "8M",
+        "-O",
+        "raw",
+        s(&src),
+        s(&sc.path("r2.raw")),
+    ])
+    .ok();
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        std::fs::read(sc.path("r2.raw")).unwrap(),
+        vec![7u8; 4 << 20]
+    );
+}

@@ -214,6 +214,7 @@ fn read_only_exports_refuse_writes_and_tcp_works() {
         .unwrap()
         .port();
     let port_s = port.to_string();
+    let pid_file = sc.path("serve.pid");
     let mut child = Command::new(imgloop_bin())
         .args([
             "serve",
@@ -223,13 +224,17 @@ fn read_only_exports_refuse_writes_and_tcp_works() {
             "127.0.0.1",
             "-p",
             &port_s,
+            "--pid-file",
+            s(&pid_file),
             s(&img),
         ])
         .spawn()
         .unwrap();
     let uri = format!("nbd://127.0.0.1:{port}/");
+    // The pid file appears once the server listens (a probing connection
+    // would take the one client slot).
     let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !pid_file.exists() {
         assert!(t.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -26,13 +26,16 @@ pub struct Session {
 }
 
 /// Transmission flags of an export.
-pub fn transmission_flags(read_only: bool) -> u16 {
+pub fn transmission_flags(read_only: bool, structured: bool) -> u16 {
     let mut f = tflag::HAS_FLAGS
         | tflag::SEND_FLUSH
         | tflag::SEND_FUA
-        | tflag::SEND_DF
         | tflag::SEND_CACHE
         | tflag::CAN_MULTI_CONN;
+    if structured {
+        // DF only means something with structured replies.
+        f |= tflag::SEND_DF;
+    }
     if read_only {
         f |= tflag::READ_ONLY;
     } else {
@@ -98,7 +101,7 @@ pub fn negotiate(conn: &mut Conn, config: &Arc<ServerConfig>) -> io::Result<Opti
                 let e = &config.exports[i];
                 let mut b = Vec::new();
                 b.extend_from_slice(&e.image.size().to_be_bytes());
-                b.extend_from_slice(&transmission_flags(e.read_only).to_be_bytes());
+                b.extend_from_slice(&transmission_flags(e.read_only, structured).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -212,7 +215,7 @@ pub fn negotiate(conn: &mut Conn, config: &Arc<ServerConfig>) -> io::Result<Opti
                 let e = &config.exports[i];
                 let mut d = info::EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&e.image.size().to_be_bytes());
-                d.extend_from_slice(&transmission_flags(e.read_only).to_be_bytes());
+                d.extend_from_slice(&transmission_flags(e.read_only, structured).to_be_bytes());
                 proto::option_reply(conn, option, rep::INFO, &d)?;
                 if wanted.contains(&info::NAME) {
                     let mut d = info::NAME.to_be_bytes().to_vec();

@@ -48,6 +48,12 @@ pub fn run(conn: Conn, config: Arc<ServerConfig>, session: Session) -> io::Resul
         tx.send(w).map_err(|_| io::Error::other("workers ended"))
     });
     drop(tx);
+    if !matches!(result, Ok(true)) {
+        // Not a clean DISC: the client may not read what is still being
+        // answered; cut it off so no worker blocks on it.
+        writer.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    }
+    let result = result.map(|_| ());
     for w in workers {
         let _ = w.join();
     }
@@ -62,18 +68,18 @@ fn read_requests(
     session: &Session,
     writer: &Mutex<Conn>,
     mut dispatch: impl FnMut(Work) -> io::Result<()>,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let _ = &config.exports[session.export];
     loop {
         let req = match Request::read(&mut conn) {
             Ok(Some(r)) => r,
             // A bad magic: the stream cannot be trusted any more.
-            Ok(None) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(None) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
             Err(e) => return Err(e),
         };
         if req.kind == cmd::DISC {
-            return Ok(());
+            return Ok(true);
         }
         let mut payload = Vec::new();
         if req.kind == cmd::WRITE {
@@ -81,12 +87,12 @@ fn read_requests(
                 // Too large to buffer: refuse and end the connection, as
                 // the payload cannot be skipped safely.
                 reply_error(writer, session, req, errno::EOVERFLOW)?;
-                return Ok(());
+                return Ok(false);
             }
             payload = vec![0u8; req.len as usize];
             match conn.read_exact(&mut payload) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
@@ -309,7 +315,7 @@ fn block_status(
     writer: &Mutex<Conn>,
     req: Request,
 ) -> io::Result<()> {
-    if !s.structured || s.contexts.is_empty() {
+    if !s.structured || s.contexts.is_empty() || req.len == 0 {
         return reply_error(writer, s, req, errno::EINVAL);
     }
     let one = req.flags & cflag::REQ_ONE != 0;

@@ -227,8 +227,13 @@ pub(super) fn amend(img: &Qcow2, o: &AmendOptions) -> Result<()> {
 
 /// Writes the header and syncs.
 fn switch(img: &Qcow2, t: &mut Tables) -> Result<()> {
-    img.write_header(t)?;
-    img.sync_file()
+    let r = img.write_header(t).and_then(|_| img.sync_file());
+    if r.is_err() {
+        // The header in memory may name structures the file does not:
+        // no more writes through this handle.
+        t.corrupt = true;
+    }
+    r
 }
 
 /// What a version 2 image cannot hold, refused before anything changes.
@@ -253,15 +258,42 @@ fn check_downgrade(img: &Qcow2, t: &mut Tables) -> Result<()> {
     }
     let backing = h.backing_file.is_some();
     let zstd = h.compression_type != header::CompressionType::Zlib;
+    let encrypted = img.crypt.is_some();
     let mut compressed = false;
     let mut zero_over_backing_in_snapshot = false;
+    let mut zero_to_write = false;
+    let mut zero_hosts = Vec::new();
+    let mut data_hosts = HashSet::new();
     for_each_l2(img, t, &mut |_, active, c| {
         compressed |= matches!(c, Cluster::Compressed { .. });
-        if !active && backing && matches!(c, Cluster::Zero { host: None, .. }) {
-            zero_over_backing_in_snapshot = true;
+        if let Cluster::Normal { host, .. } = c {
+            data_hosts.insert(host);
+        }
+        match c {
+            Cluster::Zero { host: None, .. } if backing => {
+                zero_to_write = true;
+                zero_over_backing_in_snapshot |= !active;
+            }
+            Cluster::Zero { host: Some(h), .. } => {
+                zero_to_write = true;
+                zero_hosts.push(h);
+            }
+            _ => {}
         }
         None
     })?;
+    if encrypted && zero_to_write {
+        // Zeroes written as data would have to be encrypted zeroes.
+        return Err(Error::unsupported(
+            "Cannot downgrade an encrypted image whose zero clusters would have to be written",
+        ));
+    }
+    if zero_hosts.iter().any(|h| data_hosts.contains(h)) {
+        // Zeroing it in place would change what a snapshot reads as data.
+        return Err(Error::unsupported(
+            "Cannot downgrade: a zero cluster shares its host cluster with a snapshot's data",
+        ));
+    }
     if zstd && compressed {
         return Err(Error::invalid_argument(
             "Cannot downgrade an image with zstd compression type and existing compressed clusters",
@@ -289,6 +321,19 @@ fn for_each_l2(
         l1s.push((img.snapshot_l1(&s)?, false));
     }
     let mut seen = HashSet::new();
+    for (l1, active) in &l1s {
+        for (i, &e) in l1.iter().enumerate() {
+            let off = e & entry::L1_OFFSET_MASK;
+            if off != 0 && (e & entry::L1_RESERVED != 0 || !off.is_multiple_of(img.cluster_size)) {
+                return Err(Error::corrupt(
+                    "L1 table",
+                    i as u64,
+                    "reserved bits set or L2 offset not cluster-aligned",
+                ));
+            }
+        }
+        let _ = active;
+    }
     for (l1, active) in l1s {
         for e in l1 {
             let off = e & entry::L1_OFFSET_MASK;
@@ -546,5 +591,48 @@ mod tests {
         power_cuts_during(&[("refcount_bits", "2")]);
         power_cuts_during(&[("compat", "0.10")]);
         power_cuts_during(&[("lazy_refcounts", "on")]);
+    }
+}
+
+#[cfg(test)]
+mod downgrade_tests {
+    use super::super::testutil::mem_image;
+    use crate::driver::AmendOptions;
+
+    fn downgrade(img: &crate::Image) -> crate::Result<()> {
+        let mut o = AmendOptions::default();
+        o.options.insert("compat".into(), "0.10".into());
+        img.amend(&o)
+    }
+
+    #[test]
+    fn a_zero_cluster_shared_with_a_snapshot_is_not_zeroed_in_place() {
+        let (_mem, img) = mem_image(1 << 20, &[]);
+        img.write(&[1u8; 65536], 0).unwrap();
+        img.snapshot_create("s").unwrap();
+        // A zero write keeping the (shared) host cluster, as qemu leaves it.
+        img.write_zeroes(0, 65536, false).unwrap();
+        let st = img.block_status(0, 65536).unwrap();
+        if st.offset.is_some() {
+            let e = downgrade(&img).unwrap_err();
+            assert!(e.to_string().contains("shares its host cluster"), "{e}");
+        } else {
+            // imgloop moved the zero cluster off the shared one: nothing
+            // to refuse, and the snapshot keeps its data.
+            downgrade(&img).unwrap();
+        }
+        let mut o = crate::driver::DriverOpenOptions::new(true);
+        o.options.insert("snapshot".into(), "s".into());
+        img.flush().unwrap();
+        let v = crate::Image::open_storage_with(
+            std::sync::Arc::new(_mem.clone()),
+            Some("qcow2"),
+            &o,
+            None,
+        )
+        .unwrap();
+        let mut b = vec![0u8; 65536];
+        v.read(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 1), "the snapshot lost its data");
     }
 }

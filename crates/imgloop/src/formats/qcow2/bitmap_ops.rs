@@ -74,10 +74,19 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The data clusters a bitmap table references.
+    /// The data clusters a bitmap table references, checked before any
+    /// of them is freed: cluster-aligned, inside the file, referenced once.
     fn bitmap_data(&self, b: &Bitmap) -> Result<Vec<u64>> {
         if b.table_size == 0 {
             return Ok(Vec::new());
+        }
+        let cs = self.cluster_size;
+        if b.table_offset == 0 || !b.table_offset.is_multiple_of(cs) {
+            return Err(Error::corrupt(
+                "bitmap directory",
+                b.table_offset,
+                format!("bitmap '{}' has an invalid table offset", b.name),
+            ));
         }
         let table = read_u64_table(
             self.file(),
@@ -86,11 +95,45 @@ impl Qcow2 {
             self.cluster_size,
             "bitmap table",
         )?;
-        Ok(table
-            .iter()
-            .map(|e| e & TABLE_OFFSET_MASK)
-            .filter(|&o| o != 0)
-            .collect())
+        let file_len = self
+            .file()
+            .len()
+            .map_err(|e| Error::io("reading image size", e))?;
+        let mut out = Vec::new();
+        for e in table {
+            let o = e & TABLE_OFFSET_MASK;
+            if o == 0 {
+                continue;
+            }
+            if !o.is_multiple_of(cs) || o >= file_len || e & !TABLE_OFFSET_MASK & !1 != 0 {
+                return Err(Error::corrupt(
+                    "bitmap table",
+                    b.table_offset,
+                    format!("bitmap '{}' has an invalid table entry {e:#x}", b.name),
+                ));
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+
+    /// The clusters `ranges` name are each referenced once (so freeing
+    /// them frees nothing else).
+    fn check_sole(&self, t: &mut Tables, ranges: &[(u64, u64)]) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut seen = std::collections::HashSet::new();
+        for &(off, len) in ranges {
+            for c in off / cs..(off + len).div_ceil(cs) {
+                if !seen.insert(c) || self.refcount(t, c)? != 1 {
+                    return Err(Error::corrupt(
+                        "bitmap",
+                        c * cs,
+                        "a bitmap cluster is shared with other metadata; repair with check -r all",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes a bitmap table of `entries` to fresh clusters.
@@ -139,8 +182,10 @@ impl Qcow2 {
         } else {
             t.header.autoclear_features &= !autoclear::BITMAPS;
         }
-        self.write_header(t)?;
-        self.sync_file()?;
+        if let Err(e) = self.write_header(t).and_then(|_| self.sync_file()) {
+            t.corrupt = true;
+            return Err(e);
+        }
         self.bitmaps_kept.store(bit, Ordering::Release);
         if let Some(e) = old.filter(|e| e.len() >= 24) {
             let size = u64::from_be_bytes(e[8..16].try_into().expect("8 bytes"));
@@ -173,6 +218,7 @@ impl Qcow2 {
         let mut list = self.bitmap_list(t)?;
         let mut free = Vec::new();
         let r = f(self, t, &mut list, &mut free)?;
+        self.check_sole(t, &free)?;
         self.switch_bitmaps(t, &list, free)?;
         Ok(r)
     }
@@ -215,6 +261,7 @@ impl Qcow2 {
             }
             let gbits = g.trailing_zeros() as u8;
             let entries = Bitmap::table_entries(size, gbits, cs);
+            check_bitmap_size(entries, cs)?;
             let table_offset = q.write_bitmap_table(t, &vec![0u64; entries as usize])?;
             list.push(Bitmap {
                 table_offset,
@@ -296,11 +343,16 @@ impl Qcow2 {
         let cs = self.cluster_size;
         let mut list = self.bitmap_list(t)?;
         let mut free = Vec::new();
+        // Every table entry is checked before anything changes.
+        for b in &list {
+            self.bitmap_data(b)?;
+        }
         for b in &mut list {
             let want = Bitmap::table_entries(new_size, b.granularity_bits, cs);
             if want == b.table_size as u64 {
                 continue;
             }
+            check_bitmap_size(want, cs)?;
             let mut table = if b.table_size == 0 {
                 Vec::new()
             } else {
@@ -324,6 +376,77 @@ impl Qcow2 {
             b.table_offset = self.write_bitmap_table(t, &table)?;
             b.table_size = want as u32;
         }
+        self.check_sole(t, &free)?;
         self.switch_bitmaps(t, &list, free)
+    }
+}
+
+/// QEMU's limits: a bitmap table of at most 2^27 entries, and at most
+/// 512 MiB of bitmap data.
+fn check_bitmap_size(entries: u64, cs: u64) -> Result<()> {
+    if entries > 1 << 27 || entries.saturating_mul(cs) > 512 << 20 {
+        return Err(Error::invalid_argument(
+            "the bitmap would be too large (QEMU's limits: 2^27 table entries, 512 MiB of data)",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{mem_image, qcow2, reopen};
+    use crate::driver::BitmapOp;
+    use crate::storage::Storage;
+
+    #[test]
+    fn a_bitmap_table_naming_other_metadata_is_refused_not_freed() {
+        let (mem, img) = mem_image(1 << 20, &[("cluster_size", "4096")]);
+        img.write(&[1u8; 8192], 0).unwrap();
+        img.bitmap(&BitmapOp::Add {
+            name: "b".into(),
+            granularity: Some(512),
+            enabled: false,
+        })
+        .unwrap();
+        let list = {
+            let q = qcow2(&img);
+            let t = q.tables();
+            q.bitmap_list(&t).unwrap()
+        };
+        let l1 = qcow2(&img).tables().header.l1_table_offset;
+        img.close().unwrap();
+        drop(img);
+        // Point the bitmap's first table entry at the L1 table.
+        mem.write_at(&l1.to_be_bytes(), list[0].table_offset)
+            .unwrap();
+        let before = mem.to_vec();
+        let img = reopen(&mem);
+        let e = img.bitmap(&BitmapOp::Remove("b".into())).unwrap_err();
+        assert!(e.to_string().contains("repair it with check -r all"), "{e}");
+        let e = img.bitmap(&BitmapOp::Clear("b".into())).unwrap_err();
+        assert!(e.to_string().contains("corruptions"), "{e}");
+        drop(img);
+        // The L1 table is intact and still referenced.
+        let img = reopen(&mem);
+        let mut b = vec![0u8; 8192];
+        img.read(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 1));
+        assert!(
+            mem.to_vec() == before,
+            "the refused operations changed the file"
+        );
+    }
+
+    #[test]
+    fn bitmaps_larger_than_qemu_allows_are_refused() {
+        let (_mem, img) = mem_image(1 << 45, &[]);
+        let e = img
+            .bitmap(&BitmapOp::Add {
+                name: "huge".into(),
+                granularity: Some(512),
+                enabled: true,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
     }
 }

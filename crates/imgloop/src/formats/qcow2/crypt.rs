@@ -94,7 +94,7 @@ fn aes_key(password: &[u8]) -> Result<DataKey> {
 /// Reads the LUKS area of `storage` at `offset` (`len` bytes long).
 fn read_area(storage: &dyn Storage, offset: u64, len: u64, at: u64, buf: &mut [u8]) -> Result<()> {
     let end = at.checked_add(buf.len() as u64);
-    if end.is_none_or(|e| e > len) {
+    if end.is_none_or(|e| e > len) || offset.checked_add(len).is_none() {
         return Err(Error::invalid_format(
             "LUKS header",
             offset,
@@ -139,6 +139,16 @@ impl Encryption {
             })),
             _ => {
                 let (offset, len) = h.crypto_header().expect("checked when the header was read");
+                let file_len = storage
+                    .len()
+                    .map_err(|e| Error::io("reading the image size", e))?;
+                if offset.checked_add(len).is_none_or(|end| end > file_len) {
+                    return Err(Error::invalid_format(
+                        "LUKS header",
+                        offset,
+                        "the encryption header extension names a range past the end of the file",
+                    ));
+                }
                 let mut b = vec![0u8; luks::HEADER_LEN];
                 read_area(storage, offset, len, 0, &mut b)?;
                 let header = LuksHeader::parse(&b).map_err(|e| e.at("LUKS header", offset))?;
@@ -454,7 +464,12 @@ impl Encryption {
                 ))),
             }
         };
-        let mut h = (**header).clone();
+        // The header as it is on disk now (an earlier amend through this
+        // handle may have changed it).
+        let _ = header;
+        let mut fresh = vec![0u8; luks::HEADER_LEN];
+        read_area(storage, offset, len, 0, &mut fresh)?;
+        let mut h = LuksHeader::parse(&fresh)?;
         let sync = || {
             storage
                 .sync()

@@ -305,3 +305,20 @@ fn snapshots_of_encrypted_images_keep_their_data() {
     img.read(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 1));
 }
+
+#[test]
+fn a_downgrade_that_would_write_plain_zeroes_into_an_encrypted_image_is_refused() {
+    let mem = make(&encrypted(1 << 20, b"k", &[("encrypt.format", "luks")]));
+    let img = open(&mem, false, Some(b"k")).unwrap();
+    img.write(&[1u8; 65536], 0).unwrap();
+    img.write_zeroes(0, 65536, false).unwrap();
+    let mut o = crate::driver::AmendOptions::default();
+    o.options.insert("compat".into(), "0.10".into());
+    if img.block_status(0, 65536).unwrap().offset.is_some() {
+        let e = img.amend(&o).unwrap_err();
+        assert!(e.to_string().contains("encrypted"), "{e}");
+    }
+    let mut b = vec![9u8; 65536];
+    img.read(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}

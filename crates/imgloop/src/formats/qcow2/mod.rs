@@ -562,8 +562,27 @@ impl Driver for Qcow2 {
                 granularity,
                 enabled,
             } => self.add_bitmap(name, *granularity, *enabled),
-            BitmapOp::Remove(n) => self.remove_bitmap(n),
-            BitmapOp::Clear(n) => self.clear_bitmap(n),
+            BitmapOp::Remove(_) | BitmapOp::Clear(_) => {
+                // Freeing clusters of a damaged image could free what other
+                // metadata still uses: such an image is repaired first.
+                self.flush_meta()?;
+                let r = self.check_image(None)?;
+                if r.corruptions > 0 {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "the image has {} corruptions (its metadata is shared with other \
+                             metadata or damaged); repair it with check -r all first",
+                            r.corruptions
+                        ),
+                    ));
+                }
+                match op {
+                    BitmapOp::Remove(n) => self.remove_bitmap(n),
+                    BitmapOp::Clear(n) => self.clear_bitmap(n),
+                    _ => unreachable!("matched above"),
+                }
+            }
             BitmapOp::Enable(n) => self.enable_bitmap(n, true),
             BitmapOp::Disable(n) => self.enable_bitmap(n, false),
         }

@@ -279,7 +279,10 @@ impl Qcow2 {
             .map(|s| s.id.parse::<u64>().unwrap_or(0))
             .max()
             .unwrap_or(0)
-            + 1;
+            .checked_add(1)
+            .ok_or_else(|| {
+                Error::invalid_argument("no snapshot ID is left (the largest is in use)")
+            })?;
         let l1 = t.l1.clone();
         let l1_offset = t.header.l1_table_offset;
         self.walk_refs(t, &l1, l1_offset, |_, _, _, _| Ok(()))?;
@@ -325,8 +328,12 @@ impl Qcow2 {
         let (rc_table, rc_offset, rc_clusters) = refcounts;
         t.header.refcount_table_offset = rc_offset;
         t.header.refcount_table_clusters = rc_clusters;
-        self.write_header(t)?;
-        self.sync_file()?;
+        if let Err(e) = self.write_header(t).and_then(|_| self.sync_file()) {
+            // The header in memory names structures the file may not:
+            // no more writes through this handle.
+            t.corrupt = true;
+            return Err(e);
+        }
         t.l1_dirty.clear();
         t.rc_table = rc_table;
         t.rc_table_dirty.clear();
@@ -422,7 +429,8 @@ impl Qcow2 {
         t.l1 = new_l1;
         self.switch_to(t, refcounts)?;
         self.size.store(disk_size, Ordering::Release);
-        Ok(())
+        // Bitmaps that are still valid follow the disk's new size.
+        self.resize_bitmaps(t, disk_size)
     }
 
     /// Deletes the snapshot `sel` names.
