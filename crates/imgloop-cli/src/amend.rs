@@ -59,14 +59,7 @@ pub fn run(a: Args) -> u8 {
 
 fn amend(a: &Args) -> imgloop::Result<()> {
     if let Some(c) = &a.cache {
-        if !matches!(
-            c.as_str(),
-            "none" | "writeback" | "writethrough" | "directsync" | "unsafe"
-        ) {
-            return Err(Error::invalid_argument(format!(
-                "Invalid cache option: {c}"
-            )));
-        }
+        crate::common::check_cache_mode(c, false)?;
     }
     let options = parse_options(&a.options)?;
     if options.contains_key("help") || options.contains_key("?") {

@@ -93,6 +93,9 @@ fn bench(a: &Args) -> Result<()> {
             "Flush interval can't be smaller than depth",
         ));
     }
+    if let Some(c) = &a.cache {
+        crate::common::check_cache_mode(c, false)?;
+    }
     let size = parse_size(&a.buffer_size)?;
     if size == 0 || size > (1 << 30) {
         return Err(Error::invalid_argument("Invalid buffer size specified"));

@@ -139,7 +139,7 @@ fn fail(e: &imgloop::Error) -> u8 {
 
 pub fn run(a: Args) -> u8 {
     if let Some(c) = &a.source_cache {
-        if let Err(e) = crate::common::check_cache_mode(c) {
+        if let Err(e) = crate::common::check_cache_mode(c, true) {
             return crate::common::fail(&e);
         }
     }

@@ -54,6 +54,9 @@ pub fn run(a: Args) -> u8 {
 }
 
 fn commit(a: &Args) -> Result<()> {
+    if let Some(c) = &a.cache {
+        crate::common::check_cache_mode(c, false)?;
+    }
     let rate = match &a.rate {
         Some(r) => Some(parse_size(r)?.max(1)),
         None => None,

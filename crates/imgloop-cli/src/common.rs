@@ -18,12 +18,13 @@ pub enum Output {
     Json,
 }
 
-/// Checks a qemu-img cache mode name (`-t`, `-T`).
-pub fn check_cache_mode(mode: &str) -> Result<()> {
+/// Checks a qemu-img cache mode name: `-T` (`source`) or `-t`.
+pub fn check_cache_mode(mode: &str, source: bool) -> Result<()> {
     match mode {
         "none" | "writeback" | "writethrough" | "directsync" | "unsafe" => Ok(()),
         other => Err(Error::invalid_argument(format!(
-            "Invalid source cache option: {other}"
+            "Invalid {}cache option: {other}",
+            if source { "source " } else { "" }
         ))),
     }
 }

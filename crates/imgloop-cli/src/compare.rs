@@ -66,7 +66,7 @@ pub fn run(a: Args) -> u8 {
         open_image(file, format.as_deref(), true, a.force_share, &a.objects)
     };
     let cache_ok = match &a.source_cache {
-        Some(c) => crate::common::check_cache_mode(c),
+        Some(c) => crate::common::check_cache_mode(c, true),
         None => Ok(()),
     };
     let result = cache_ok

@@ -216,7 +216,7 @@ fn convert(a: &Args) -> Result<()> {
     };
     let mut options = parse_options(&a.options)?;
     if let Some(c) = &a.source_cache {
-        crate::common::check_cache_mode(c)?;
+        crate::common::check_cache_mode(c, true)?;
     }
     if let Some(b) = &a.backing {
         options.insert("backing_file".into(), b.clone());

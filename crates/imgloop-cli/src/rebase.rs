@@ -118,6 +118,7 @@ fn name_and_format<'a>(
 }
 
 fn unsafe_rebase(a: &Args, name: Option<&str>) -> Result<()> {
+    check_caches(a)?;
     let img = open_image(a, false)?;
     let new = name_and_format(a, name)?;
     img.set_backing(new)
@@ -130,7 +131,19 @@ fn resolve(image: &Path, name: &str) -> PathBuf {
     imgloop::FilePolicy::resolve(Some(image), name)
 }
 
+/// The cache modes given are ones qemu-img knows.
+fn check_caches(a: &Args) -> Result<()> {
+    if let Some(c) = &a.cache {
+        crate::common::check_cache_mode(c, false)?;
+    }
+    if let Some(c) = &a.source_cache {
+        crate::common::check_cache_mode(c, true)?;
+    }
+    Ok(())
+}
+
 fn safe_rebase(a: &Args, name: &str) -> Result<()> {
+    check_caches(a)?;
     let new = name_and_format(a, Some(name))?;
     let img = open_image(a, true)?;
     let path = img

@@ -133,7 +133,10 @@ fn serve(a: &Args) -> Result<()> {
             a.format.as_deref(),
             a.read_only,
             None,
-            &crate::objects::ObjectArgs::default(),
+            &crate::objects::ObjectArgs {
+                objects: a.objects.objects.clone(),
+                image_opts: false,
+            },
         )?;
         exports.push(Export {
             name: name.to_string(),

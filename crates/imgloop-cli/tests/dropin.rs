@@ -539,6 +539,30 @@ fn convert_backing_target_is_zero_and_cache_flags_behave_as_in_qemu_img() {
         assert_eq!((i.code, q.code), (1, 1), "{args:?}: {}", i.stderr);
         assert!(i.stderr.contains(want), "{args:?}: {}", i.stderr);
     }
+    // -t on the other subcommands, qemu-img's words.
+    for args in [
+        &["amend", "-t", "bogus", "-o", "compat=1.1", s(&out)][..],
+        &["commit", "-t", "bogus", s(&out)],
+        &[
+            "rebase",
+            "-u",
+            "-t",
+            "bogus",
+            "-b",
+            "x",
+            "-F",
+            "raw",
+            s(&out),
+        ],
+    ] {
+        let (q, i) = (qemu_img(args), imgloop(args));
+        assert_eq!((i.code, q.code), (1, 1), "{args:?}");
+        assert!(
+            i.stderr.contains("Invalid cache option: bogus"),
+            "{args:?}: {}",
+            i.stderr
+        );
+    }
     let q = qemu_img(&["compare", "-T", "bogus", s(&out), s(&src)]);
     let i = imgloop(&["compare", "-T", "bogus", s(&out), s(&src)]);
     assert_eq!((i.code, q.code), (2, 2));

@@ -39,23 +39,12 @@ fn io_with_key(program: &str, img: &Path, cmds: &[&str]) -> Run {
         a.extend(["-c", c]);
     }
     a.push(&io);
-    let out = if program == "qemu-io" {
-        std::process::Command::new("qemu-io")
-            .args(&a)
-            .output()
-            .unwrap()
+    let r = if program == "qemu-io" {
+        run_program("qemu-io", &a)
     } else {
         let mut v = vec!["io"];
         v.extend(a);
-        std::process::Command::new(imgloop_bin())
-            .args(&v)
-            .output()
-            .unwrap()
-    };
-    let r = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        imgloop(&v)
     };
     assert_eq!(r.code, 0, "{program} {cmds:?}:\n{}{}", r.stdout, r.stderr);
     r

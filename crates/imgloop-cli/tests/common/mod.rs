@@ -59,7 +59,8 @@ impl Run {
     }
 }
 
-fn run(program: &str, args: &[&str]) -> Run {
+/// Runs `program ARGS` (any tool) and collects its output.
+pub fn run_program(program: &str, args: &[&str]) -> Run {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -74,12 +75,12 @@ pub fn imgloop_bin() -> &'static str {
 
 /// Runs `imgloop ARGS`.
 pub fn imgloop(args: &[&str]) -> Run {
-    run(imgloop_bin(), args)
+    run_program(imgloop_bin(), args)
 }
 
 /// Runs `qemu-img ARGS`.
 pub fn qemu_img(args: &[&str]) -> Run {
-    run("qemu-img", args)
+    run_program("qemu-img", args)
 }
 
 /// Runs `qemu-io -f FMT -c CMD... FILE`.
@@ -91,7 +92,7 @@ pub fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) -> Run {
     }
     let f = file.to_str().unwrap();
     args.push(f);
-    run("qemu-io", &args)
+    run_program("qemu-io", &args)
 }
 
 /// Runs `imgloop io -f FMT -c CMD... FILE`.
