@@ -36,6 +36,11 @@ fuzz_target!(|data: &[u8]| {
             image: export(),
             read_only: data.first().is_some_and(|b| b & 1 == 1),
             unmap: true,
+            detect_zeroes: if data.first().is_some_and(|b| b & 2 == 2) {
+                imgloop_nbd::DetectZeroes::Unmap
+            } else {
+                imgloop_nbd::DetectZeroes::Off
+            },
         }],
         workers: 2,
     });

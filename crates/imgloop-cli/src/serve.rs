@@ -4,7 +4,7 @@
 use crate::common::{fail, open_export};
 use imgloop::{Error, Result};
 use imgloop_fuse::process::StopSignals;
-use imgloop_nbd::{serve_connection, Conn, Export, ServerConfig};
+use imgloop_nbd::{serve_connection, Conn, DetectZeroes, Export, ServerConfig};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -34,12 +34,12 @@ pub struct Args {
     /// Listen on this Unix socket.
     #[arg(short = 'k', long = "socket", value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// TCP address to listen on.
-    #[arg(short = 'b', long = "bind", default_value = "0.0.0.0")]
-    bind: String,
-    /// TCP port to listen on.
-    #[arg(short = 'p', long = "port", default_value_t = 10809)]
-    port: u16,
+    /// TCP address to listen on [default: 0.0.0.0].
+    #[arg(short = 'b', long = "bind")]
+    bind: Option<String>,
+    /// TCP port to listen on [default: 10809].
+    #[arg(short = 'p', long = "port")]
+    port: Option<u16>,
     /// Clients served at once (others are refused).
     #[arg(short = 'e', long = "shared", default_value_t = 1)]
     shared: usize,
@@ -49,6 +49,15 @@ pub struct Args {
     /// What TRIM does: ignore it, or unmap (free the space).
     #[arg(long, default_value = "ignore", value_parser = ["ignore", "unmap", "off", "on"])]
     discard: String,
+    /// What writes of all-zero data become: data (off), a write-zeroes
+    /// that keeps the space (on), or one that frees it (unmap; needs
+    /// --discard=unmap).
+    #[arg(long = "detect-zeroes", default_value = "off", value_parser = ["off", "on", "unmap"])]
+    detect_zeroes: String,
+    /// Go to the background once the server listens (the command returns
+    /// then, with 0; errors before that are printed and returned).
+    #[arg(long)]
+    fork: bool,
     /// Export an internal snapshot (read-only).
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
@@ -67,7 +76,14 @@ pub struct Args {
     more: Vec<String>,
 }
 
+/// Set in the environment of the background server `--fork` starts: its
+/// standard output is a pipe to the waiting parent.
+const FORKED_ENV: &str = "IMGLOOP_SERVE_FORKED";
+
 pub fn run(a: Args) -> u8 {
+    if a.fork && std::env::var_os(FORKED_ENV).is_none() {
+        return fork_and_wait();
+    }
     match serve(&a) {
         Ok(()) => 0,
         Err(e) => fail(&e),
@@ -78,6 +94,8 @@ pub fn run(a: Args) -> u8 {
 enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
+    /// Passed by systemd (not removed at exit).
+    Activated(Box<Listener>),
 }
 
 impl Listener {
@@ -85,6 +103,7 @@ impl Listener {
         match self {
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
             Listener::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
+            Listener::Activated(l) => l.accept(),
         }
     }
 }
@@ -99,10 +118,153 @@ enum Stop {
     LastClientLeft,
 }
 
+/// `--fork`: runs the same command again in the background (in a process
+/// group of its own) and waits until it listens (its standard output says
+/// so) or fails (it closes standard output without saying so; its errors
+/// went to the shared standard error). Re-running the program instead of
+/// calling fork() keeps a multi-threaded process from forking.
+fn fork_and_wait() -> u8 {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            return fail(&Error::io(
+                "finding the program to run in the background",
+                e,
+            ))
+        }
+    };
+    let args: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--fork")
+        .collect();
+    let child = Command::new(exe)
+        .args(args)
+        .env(FORKED_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return fail(&Error::io("starting the background server", e)),
+    };
+    let mut line = String::new();
+    let ready = child
+        .stdout
+        .take()
+        .map(|o| std::io::BufReader::new(o).read_line(&mut line).is_ok() && line == "ready\n")
+        .unwrap_or(false);
+    if ready {
+        return 0;
+    }
+    match child.wait() {
+        Ok(st) => st.code().map_or(1, |c| c.clamp(1, 255) as u8),
+        Err(_) => 1,
+    }
+}
+
+/// Tells the waiting `--fork` parent that the server listens, then points
+/// standard output at /dev/null (the pipe closes, the parent exits).
+fn notify_forked_parent() {
+    use std::io::Write;
+    if std::env::var_os(FORKED_ENV).is_none() {
+        return;
+    }
+    let mut out = std::io::stdout();
+    let _ = out.write_all(b"ready\n");
+    let _ = out.flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto descriptor 1 with a descriptor we own; no
+        // memory is involved.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO);
+        }
+    }
+}
+
+/// The listening socket systemd passed (socket activation: `LISTEN_PID`
+/// is this process, `LISTEN_FDS` is 1, the socket is descriptor 3).
+fn activated_listener() -> Result<Option<Listener>> {
+    use std::os::fd::FromRawFd;
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    if fds.trim() != "1" {
+        return Err(Error::invalid_argument(format!(
+            "unexpected value for LISTEN_FDS: '{fds}' (one listening socket is served)"
+        )));
+    }
+    // SAFETY: sockaddr_storage is plain data; getsockname writes at most
+    // `len` bytes into it and reads nothing else.
+    let family = unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(
+            3,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        ) != 0
+        {
+            return Err(Error::io(
+                "socket activation: descriptor 3 is not a socket",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        addr.ss_family as libc::c_int
+    };
+    // SAFETY: descriptor 3 was handed to this process to own (LISTEN_PID
+    // names it) and is a socket of the family checked above; nothing
+    // else in the process uses it.
+    let listener = unsafe {
+        match family {
+            libc::AF_UNIX => Listener::Activated(Box::new(Listener::Unix(
+                UnixListener::from_raw_fd(3),
+                PathBuf::new(),
+            ))),
+            libc::AF_INET | libc::AF_INET6 => {
+                Listener::Activated(Box::new(Listener::Tcp(TcpListener::from_raw_fd(3))))
+            }
+            _ => {
+                return Err(Error::invalid_argument(
+                    "socket activation: descriptor 3 is neither a Unix nor a TCP socket",
+                ))
+            }
+        }
+    };
+    // LISTEN_PID stays in the environment: it names this process only,
+    // so nothing this process starts takes it for its own.
+    Ok(Some(listener))
+}
+
 fn serve(a: &Args) -> Result<()> {
+    let activated = activated_listener()?;
+    if activated.is_some() && (a.socket.is_some() || a.bind.is_some() || a.port.is_some()) {
+        return Err(Error::invalid_argument(
+            "--socket, --bind and --port cannot be used with socket activation",
+        ));
+    }
+    let unmap = matches!(a.discard.as_str(), "unmap" | "on");
+    let detect_zeroes = match a.detect_zeroes.as_str() {
+        "on" => DetectZeroes::On,
+        "unmap" if !unmap => {
+            return Err(Error::invalid_argument(
+                "--detect-zeroes=unmap can only be used if discard is set to unmap",
+            ))
+        }
+        "unmap" => DetectZeroes::Unmap,
+        _ => DetectZeroes::Off,
+    };
     // Before any thread starts, so every thread has them blocked.
     let signals = StopSignals::block()?;
-    let unmap = matches!(a.discard.as_str(), "unmap" | "on");
     let mut exports = Vec::new();
     let read_only = a.read_only || a.snapshot.is_some();
     let first = open_export(
@@ -118,6 +280,7 @@ fn serve(a: &Args) -> Result<()> {
         image: Arc::new(first),
         read_only,
         unmap,
+        detect_zeroes,
     });
     for m in &a.more {
         let (name, path) = m.split_once('=').ok_or_else(|| {
@@ -144,23 +307,30 @@ fn serve(a: &Args) -> Result<()> {
             image: Arc::new(img),
             read_only: a.read_only,
             unmap,
+            detect_zeroes,
         });
     }
-    let listener = match &a.socket {
-        Some(p) => Listener::Unix(
+    let listener = match (&a.socket, activated) {
+        (_, Some(l)) => l,
+        (Some(p), None) => Listener::Unix(
             UnixListener::bind(p)
                 .map_err(|e| Error::io("could not listen on the socket", e).in_file(p))?,
             p.clone(),
         ),
-        None => Listener::Tcp(
-            TcpListener::bind((a.bind.as_str(), a.port))
-                .map_err(|e| Error::io(format!("could not listen on {}:{}", a.bind, a.port), e))?,
-        ),
+        (None, None) => {
+            let bind = a.bind.as_deref().unwrap_or("0.0.0.0");
+            let port = a.port.unwrap_or(10809);
+            Listener::Tcp(
+                TcpListener::bind((bind, port))
+                    .map_err(|e| Error::io(format!("could not listen on {bind}:{port}"), e))?,
+            )
+        }
     };
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::io("writing the pid file", e).in_file(p))?;
     }
+    notify_forked_parent();
     let config = Arc::new(ServerConfig {
         exports,
         workers: usize::from(a.threads),

@@ -30,6 +30,35 @@ pub struct Export {
     pub read_only: bool,
     /// `TRIM` frees space (`--discard=unmap`); otherwise it is ignored.
     pub unmap: bool,
+    /// What writes of all-zero data become (`--detect-zeroes`).
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// What a write of all-zero data becomes (qemu-nbd's `--detect-zeroes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DetectZeroes {
+    /// Written as data.
+    #[default]
+    Off,
+    /// A write-zeroes that keeps the space allocated.
+    On,
+    /// A write-zeroes that may free the space (needs `unmap`).
+    Unmap,
+}
+
+impl Export {
+    /// A read-write export of `image` called `name`, TRIM ignored, zero
+    /// detection off.
+    pub fn new(name: impl Into<String>, image: Arc<Image>) -> Export {
+        Export {
+            name: name.into(),
+            description: String::new(),
+            image,
+            read_only: false,
+            unmap: false,
+            detect_zeroes: DetectZeroes::Off,
+        }
+    }
 }
 
 /// What a server serves, and how.

@@ -5,7 +5,7 @@
 
 use crate::handshake::{Session, CONTEXT_ALLOCATION};
 use crate::proto::{self, cflag, chunk, cmd, errno, Request};
-use crate::{Conn, Export, ServerConfig, MAX_REQUEST};
+use crate::{Conn, DetectZeroes, Export, ServerConfig, MAX_REQUEST};
 use imgloop::{ErrorKind, WriteFlags, ZeroFlags};
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -178,6 +178,20 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
         cmd::READ => return read(img, s, writer, req),
         cmd::BLOCK_STATUS => return block_status(img, s, writer, req),
         cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES if e.read_only => Err(errno::EPERM),
+        cmd::WRITE
+            if e.detect_zeroes != DetectZeroes::Off && imgloop::storage::is_zero(&work.payload) =>
+        {
+            img.write_zeroes_with(
+                req.offset,
+                req.len as u64,
+                ZeroFlags {
+                    may_unmap: e.detect_zeroes == DetectZeroes::Unmap && e.unmap,
+                    fua: req.flags & cflag::FUA != 0,
+                    no_fallback: false,
+                },
+            )
+            .map_err(|e| errno_of(&e))
+        }
         cmd::WRITE => img
             .write_with(
                 &work.payload,

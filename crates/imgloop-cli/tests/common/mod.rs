@@ -3,6 +3,8 @@
 //! that treat qemu-img as the oracle.
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
