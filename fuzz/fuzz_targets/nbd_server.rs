@@ -41,8 +41,10 @@ fuzz_target!(|data: &[u8]| {
             } else {
                 imgloop_nbd::DetectZeroes::Off
             },
+            bitmaps: Vec::new(),
         }],
         workers: 2,
+        tls: None,
     });
     let (mut client, server) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {

@@ -68,7 +68,75 @@ fn split_options(text: &str) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// TLS credentials an `--object tls-creds-x509,...` defines.
+pub struct TlsObject {
+    /// `dir`: where the PEM files are.
+    pub dir: std::path::PathBuf,
+    /// `verify-peer` (default on, as in qemu): clients must present a
+    /// certificate signed by the directory's CA.
+    pub verify_peer: bool,
+}
+
 impl ObjectArgs {
+    /// The `tls-creds-x509` object with this `id`, if any. A
+    /// `tls-creds-psk` one is refused (rustls, the TLS library, has no
+    /// external pre-shared keys).
+    pub fn tls_creds(&self, want: &str) -> Result<Option<TlsObject>> {
+        for def in &self.objects {
+            let mut fields = split_options(def)?;
+            if fields.is_empty() {
+                continue;
+            }
+            let (kind, on) = fields.remove(0);
+            let kind = if on == "on" { kind } else { on };
+            if !matches!(kind.as_str(), "tls-creds-x509" | "tls-creds-psk") {
+                continue;
+            }
+            let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            if get("id").as_deref() != Some(want) {
+                continue;
+            }
+            if kind == "tls-creds-psk" {
+                return Err(Error::unsupported(
+                    "TLS with pre-shared keys (tls-creds-psk) is not supported: rustls has no \
+                     external PSK support; use tls-creds-x509",
+                ));
+            }
+            for (k, _) in &fields {
+                if !matches!(
+                    k.as_str(),
+                    "id" | "dir" | "endpoint" | "verify-peer" | "priority" | "sanity-check"
+                ) {
+                    return Err(Error::invalid_argument(format!(
+                        "Property 'tls-creds-x509.{k}' not found"
+                    )));
+                }
+            }
+            if get("endpoint").is_some_and(|e| e != "server") {
+                return Err(Error::invalid_argument(format!(
+                    "Expecting TLS credentials with a server endpoint ('{want}')"
+                )));
+            }
+            let dir = get("dir").ok_or_else(|| {
+                Error::invalid_argument(format!("tls-creds-x509 '{want}': 'dir' is missing"))
+            })?;
+            let verify_peer = match get("verify-peer").as_deref() {
+                None | Some("on" | "yes" | "true") => true,
+                Some("off" | "no" | "false") => false,
+                Some(v) => {
+                    return Err(Error::invalid_argument(format!(
+                        "Parameter 'verify-peer' expects 'on' or 'off', not '{v}'"
+                    )))
+                }
+            };
+            return Ok(Some(TlsObject {
+                dir: dir.into(),
+                verify_peer,
+            }));
+        }
+        Ok(None)
+    }
+
     /// The secrets the `--object` flags define.
     pub fn secrets(&self) -> Result<Secrets> {
         let mut secrets = Secrets::new();
@@ -87,9 +155,13 @@ impl ObjectArgs {
                     "--object must start with its type (secret)",
                 ));
             };
+            if matches!(kind.as_str(), "tls-creds-x509" | "tls-creds-psk") {
+                // Read by `tls_creds` (serve).
+                continue;
+            }
             if kind != "secret" {
                 return Err(Error::invalid_argument(format!(
-                    "invalid object type: {kind} (imgloop knows 'secret')"
+                    "invalid object type: {kind} (imgloop knows 'secret' and 'tls-creds-x509')"
                 )));
             }
             let (mut id, mut data, mut file, mut format) = (None, None, None, None);

@@ -4,7 +4,7 @@
 use crate::common::{fail, open_export};
 use imgloop::{Error, Result};
 use imgloop_fuse::process::StopSignals;
-use imgloop_nbd::{serve_connection, Conn, DetectZeroes, Export, ServerConfig};
+use imgloop_nbd::{serve_connection, Conn, DetectZeroes, Export, ServerConfig, TlsCreds};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -54,6 +54,19 @@ pub struct Args {
     /// --discard=unmap).
     #[arg(long = "detect-zeroes", default_value = "off", value_parser = ["off", "on", "unmap"])]
     detect_zeroes: String,
+    /// Offer the persistent dirty bitmap NAME of the first image as the
+    /// meta context `qemu:dirty-bitmap:NAME` (repeatable).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
+    /// Require TLS: the ID of an `--object tls-creds-x509,id=ID,dir=DIR`,
+    /// or a directory in that layout (ca-cert.pem, server-cert.pem,
+    /// server-key.pem).
+    #[arg(long = "tls-creds", value_name = "ID|DIR")]
+    tls_creds: Option<String>,
+    /// With --tls-creds DIR: require client certificates signed by
+    /// DIR/ca-cert.pem (an --object says it with verify-peer, default on).
+    #[arg(long = "tls-verify-peer")]
+    tls_verify_peer: bool,
     /// Go to the background once the server listens (the command returns
     /// then, with 0; errors before that are printed and returned).
     #[arg(long)]
@@ -265,6 +278,24 @@ fn serve(a: &Args) -> Result<()> {
     };
     // Before any thread starts, so every thread has them blocked.
     let signals = StopSignals::block()?;
+    let tls = match &a.tls_creds {
+        None => None,
+        Some(id) => {
+            let (dir, verify) = match a.objects.tls_creds(id)? {
+                Some(o) => (o.dir, o.verify_peer),
+                None => (PathBuf::from(id), a.tls_verify_peer),
+            };
+            if !dir.is_dir() {
+                return Err(Error::invalid_argument(format!(
+                    "No TLS credentials with id '{id}' (an --object tls-creds-x509 or a directory)"
+                )));
+            }
+            Some(
+                TlsCreds::x509(&dir, verify)
+                    .map_err(|e| Error::io("loading the TLS credentials", e).in_file(&dir))?,
+            )
+        }
+    };
     let mut exports = Vec::new();
     let read_only = a.read_only || a.snapshot.is_some();
     let first = open_export(
@@ -281,7 +312,14 @@ fn serve(a: &Args) -> Result<()> {
         read_only,
         unmap,
         detect_zeroes,
+        bitmaps: a.bitmaps.clone(),
     });
+    for b in &a.bitmaps {
+        let img = &exports[0].image;
+        // The bitmap is there and consistent.
+        img.bitmap_status(b, 0, 1)
+            .map_err(|e| Error::new(e.kind(), format!("Bitmap '{b}': {}", e.message())))?;
+    }
     for m in &a.more {
         let (name, path) = m.split_once('=').ok_or_else(|| {
             Error::invalid_argument(format!("'{m}': more exports are given as NAME=IMAGE"))
@@ -308,6 +346,7 @@ fn serve(a: &Args) -> Result<()> {
             read_only: a.read_only,
             unmap,
             detect_zeroes,
+            bitmaps: Vec::new(),
         });
     }
     let listener = match (&a.socket, activated) {
@@ -334,6 +373,7 @@ fn serve(a: &Args) -> Result<()> {
     let config = Arc::new(ServerConfig {
         exports,
         workers: usize::from(a.threads),
+        tls,
     });
     let (stop_tx, stop_rx) = mpsc::channel::<Stop>();
     {

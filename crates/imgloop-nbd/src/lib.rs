@@ -10,7 +10,10 @@
 
 mod handshake;
 pub mod proto;
+mod tls;
 mod transmission;
+
+pub use tls::TlsCreds;
 
 use imgloop::Image;
 use std::io::{self, Read, Write};
@@ -32,6 +35,9 @@ pub struct Export {
     pub unmap: bool,
     /// What writes of all-zero data become (`--detect-zeroes`).
     pub detect_zeroes: DetectZeroes,
+    /// Persistent dirty bitmaps of the image offered as
+    /// `qemu:dirty-bitmap:NAME` meta contexts (qemu-nbd's `-B`).
+    pub bitmaps: Vec<String>,
 }
 
 /// What a write of all-zero data becomes (qemu-nbd's `--detect-zeroes`).
@@ -57,6 +63,7 @@ impl Export {
             read_only: false,
             unmap: false,
             detect_zeroes: DetectZeroes::Off,
+            bitmaps: Vec::new(),
         }
     }
 }
@@ -67,6 +74,9 @@ pub struct ServerConfig {
     pub exports: Vec<Export>,
     /// Requests one connection may have in flight (and threads serving them).
     pub workers: usize,
+    /// TLS credentials: when set, clients must start TLS before anything
+    /// else (qemu-nbd's `--tls-creds`).
+    pub tls: Option<TlsCreds>,
 }
 
 impl ServerConfig {
@@ -80,12 +90,14 @@ impl ServerConfig {
 /// size): a larger one is refused before its payload is read.
 pub const MAX_REQUEST: u32 = 32 << 20;
 
-/// A client connection: a Unix or TCP stream.
+/// A client connection: a Unix or TCP stream, or TLS over one.
 pub enum Conn {
     /// A Unix socket.
     Unix(UnixStream),
     /// A TCP socket.
     Tcp(TcpStream),
+    /// TLS over a Unix or TCP socket.
+    Tls(Box<tls::TlsConn>),
 }
 
 impl Conn {
@@ -94,6 +106,7 @@ impl Conn {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Tls(t) => Conn::Tls(Box::new(t.try_clone()?)),
         })
     }
 
@@ -102,7 +115,36 @@ impl Conn {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tls(t) => {
+                t.raw().shutdown();
+                Ok(())
+            }
         };
+    }
+
+    fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Tls(c) => c.raw().set_read_timeout(t),
+        }
+    }
+
+    /// Starts TLS on a plain connection (after STARTTLS was accepted).
+    fn start_tls(&mut self, creds: &TlsCreds) -> io::Result<()> {
+        if matches!(self, Conn::Tls(_)) {
+            return Err(io::Error::other("TLS is already on"));
+        }
+        let raw = self.try_clone()?;
+        *self = Conn::Tls(Box::new(tls::TlsConn::accept(raw, creds)?));
+        Ok(())
+    }
+
+    /// Ends a TLS session cleanly; nothing for a plain connection.
+    fn close_notify(&self) {
+        if let Conn::Tls(t) = self {
+            let _ = t.close_notify();
+        }
     }
 }
 
@@ -111,6 +153,7 @@ impl Read for Conn {
         match self {
             Conn::Unix(s) => s.read(buf),
             Conn::Tcp(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
         }
     }
 }
@@ -120,6 +163,7 @@ impl Write for Conn {
         match self {
             Conn::Unix(s) => s.write(buf),
             Conn::Tcp(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
         }
     }
 
@@ -127,6 +171,7 @@ impl Write for Conn {
         match self {
             Conn::Unix(s) => s.flush(),
             Conn::Tcp(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
         }
     }
 }
@@ -143,7 +188,10 @@ pub fn serve_connection(conn: Conn, config: &Arc<ServerConfig>) -> io::Result<()
     // when this connection is done.
     let closer = conn.try_clone()?;
     let result = match handshake::negotiate(&mut conn, config) {
-        Ok(None) => Ok(()),
+        Ok(None) => {
+            conn.close_notify();
+            Ok(())
+        }
         Ok(Some(session)) => transmission::run(conn, config.clone(), session),
         Err(e) => Err(e),
     };

@@ -16,6 +16,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// A structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// A request with extended (64-bit) header.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// A reply chunk with extended header.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flags (server).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
@@ -37,6 +41,7 @@ pub mod opt {
     pub const STRUCTURED_REPLY: u32 = 8;
     pub const LIST_META_CONTEXT: u32 = 9;
     pub const SET_META_CONTEXT: u32 = 10;
+    pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types.
@@ -49,8 +54,10 @@ pub mod rep {
     pub const ERR_UNSUP: u32 = ERR | 1;
     pub const ERR_POLICY: u32 = ERR | 2;
     pub const ERR_INVALID: u32 = ERR | 3;
+    pub const ERR_TLS_REQD: u32 = ERR | 5;
     pub const ERR_UNKNOWN: u32 = ERR | 6;
     pub const ERR_TOO_BIG: u32 = ERR | 9;
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR | 10;
 }
 
 /// `NBD_REP_INFO` payload types.
@@ -73,6 +80,7 @@ pub mod tflag {
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
     pub const SEND_CACHE: u16 = 1 << 10;
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    pub const BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Commands.
@@ -94,6 +102,7 @@ pub mod cflag {
     pub const DF: u16 = 1 << 2;
     pub const REQ_ONE: u16 = 1 << 3;
     pub const FAST_ZERO: u16 = 1 << 4;
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types and flags.
@@ -103,8 +112,12 @@ pub mod chunk {
     pub const OFFSET_DATA: u16 = 1;
     pub const OFFSET_HOLE: u16 = 2;
     pub const BLOCK_STATUS: u16 = 5;
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     pub const ERROR: u16 = (1 << 15) | 1;
 }
+
+/// `qemu:dirty-bitmap:` status bit: the range changed.
+pub const STATE_DIRTY: u32 = 1;
 
 /// `base:allocation` status bits.
 pub const STATE_HOLE: u32 = 1;
@@ -155,7 +168,7 @@ pub fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> 
     w.write_all(&b)
 }
 
-/// A request header (compact form).
+/// A request header (compact or extended form).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Request {
     /// Command flags.
@@ -166,24 +179,38 @@ pub struct Request {
     pub cookie: u64,
     /// Offset in the export.
     pub offset: u64,
-    /// Length of the request (and of a write's payload).
-    pub len: u32,
+    /// Length: of the range the request acts on, or (extended headers
+    /// with `PAYLOAD_LEN`) of the payload that follows.
+    pub len: u64,
 }
 
 impl Request {
-    /// Reads a request header; `None` on a bad magic.
-    pub fn read(r: &mut impl Read) -> io::Result<Option<Request>> {
-        let mut b = [0u8; 28];
-        r.read_exact(&mut b)?;
-        if u32::from_be_bytes(b[0..4].try_into().expect("4")) != REQUEST_MAGIC {
+    /// Reads a request header (32 bytes with extended headers, else 28);
+    /// `None` on a bad magic.
+    pub fn read(r: &mut impl Read, extended: bool) -> io::Result<Option<Request>> {
+        let mut b = [0u8; 32];
+        let n = if extended { 32 } else { 28 };
+        r.read_exact(&mut b[..n])?;
+        let magic = u32::from_be_bytes(b[0..4].try_into().expect("4"));
+        let want = if extended {
+            EXTENDED_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        if magic != want {
             return Ok(None);
         }
+        let len = if extended {
+            u64::from_be_bytes(b[24..32].try_into().expect("8"))
+        } else {
+            u32::from_be_bytes(b[24..28].try_into().expect("4")) as u64
+        };
         Ok(Some(Request {
             flags: u16::from_be_bytes([b[4], b[5]]),
             kind: u16::from_be_bytes([b[6], b[7]]),
             cookie: u64::from_be_bytes(b[8..16].try_into().expect("8")),
             offset: u64::from_be_bytes(b[16..24].try_into().expect("8")),
-            len: u32::from_be_bytes(b[24..28].try_into().expect("4")),
+            len,
         }))
     }
 }
@@ -205,5 +232,18 @@ pub fn chunk_header(cookie: u64, flags: u16, kind: u16, len: u32) -> [u8; 20] {
     b[6..8].copy_from_slice(&kind.to_be_bytes());
     b[8..16].copy_from_slice(&cookie.to_be_bytes());
     b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// An extended reply chunk header: the request's offset, a 64-bit
+/// payload length.
+pub fn ext_chunk_header(cookie: u64, flags: u16, kind: u16, offset: u64, len: u64) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&len.to_be_bytes());
     b
 }

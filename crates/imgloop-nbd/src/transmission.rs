@@ -3,7 +3,7 @@
 //! is bounded), which run them against the image and write their replies
 //! under one lock, in whatever order they finish.
 
-use crate::handshake::{Session, CONTEXT_ALLOCATION};
+use crate::handshake::{Session, CONTEXT_ALLOCATION, CONTEXT_BITMAP0, CONTEXT_DEPTH};
 use crate::proto::{self, cflag, chunk, cmd, errno, Request};
 use crate::{Conn, DetectZeroes, Export, ServerConfig, MAX_REQUEST};
 use imgloop::{ErrorKind, WriteFlags, ZeroFlags};
@@ -37,7 +37,7 @@ pub fn run(conn: Conn, config: Arc<ServerConfig>, session: Session) -> io::Resul
     let (tx, rx) = sync_channel::<Work>(config.workers.max(1));
     let rx = Arc::new(Mutex::new(rx));
     let session = Arc::new(session);
-    let workers: Vec<_> = (0..config.workers.max(1))
+    let mut workers: Vec<_> = (0..config.workers.max(1))
         .map(|_| {
             let (rx, writer, config, session) =
                 (rx.clone(), writer.clone(), config.clone(), session.clone());
@@ -48,7 +48,17 @@ pub fn run(conn: Conn, config: Arc<ServerConfig>, session: Session) -> io::Resul
         tx.send(w).map_err(|_| io::Error::other("workers ended"))
     });
     drop(tx);
-    if !matches!(result, Ok(true)) {
+    if matches!(result, Ok(true)) {
+        // Replies still being written go first; then a TLS session ends
+        // with close_notify, as DISC asks.
+        for w in std::mem::take(&mut workers) {
+            let _ = w.join();
+        }
+        writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .close_notify();
+    } else {
         // Not a clean DISC: the client may not read what is still being
         // answered; cut it off so no worker blocks on it.
         writer.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
@@ -71,7 +81,7 @@ fn read_requests(
 ) -> io::Result<bool> {
     let _ = &config.exports[session.export];
     loop {
-        let req = match Request::read(&mut conn) {
+        let req = match Request::read(&mut conn, session.extended) {
             Ok(Some(r)) => r,
             // A bad magic: the stream cannot be trusted any more.
             Ok(None) => return Ok(false),
@@ -81,9 +91,14 @@ fn read_requests(
         if req.kind == cmd::DISC {
             return Ok(true);
         }
+        // A payload follows a write, and with extended headers any
+        // request flagged PAYLOAD_LEN (only block status has a payload
+        // form; the others are refused after it is read).
+        let has_payload =
+            req.kind == cmd::WRITE || (session.extended && req.flags & cflag::PAYLOAD_LEN != 0);
         let mut payload = Vec::new();
-        if req.kind == cmd::WRITE {
-            if req.len > MAX_REQUEST {
+        if has_payload {
+            if req.len > MAX_REQUEST as u64 {
                 // Too large to buffer: refuse and end the connection, as
                 // the payload cannot be skipped safely.
                 reply_error(writer, session, req, errno::EOVERFLOW)?;
@@ -96,7 +111,7 @@ fn read_requests(
                 Err(e) => return Err(e),
             }
         }
-        if req.kind == cmd::READ && req.len > MAX_REQUEST {
+        if req.kind == cmd::READ && req.len > MAX_REQUEST as u64 {
             reply_error(writer, session, req, errno::EOVERFLOW)?;
             continue;
         }
@@ -129,17 +144,19 @@ fn send(writer: &Mutex<Conn>, parts: &[&[u8]]) -> io::Result<()> {
     w.flush()
 }
 
+/// The header of a reply chunk: extended (the request's offset, 64-bit
+/// length) or compact.
+fn chunk(s: &Session, req: Request, flags: u16, kind: u16, len: u64) -> Vec<u8> {
+    if s.extended {
+        proto::ext_chunk_header(req.cookie, flags, kind, req.offset, len).to_vec()
+    } else {
+        proto::chunk_header(req.cookie, flags, kind, len as u32).to_vec()
+    }
+}
+
 fn reply_ok(writer: &Mutex<Conn>, s: &Session, req: Request) -> io::Result<()> {
     if s.structured {
-        send(
-            writer,
-            &[&proto::chunk_header(
-                req.cookie,
-                chunk::FLAG_DONE,
-                chunk::NONE,
-                0,
-            )],
-        )
+        send(writer, &[&chunk(s, req, chunk::FLAG_DONE, chunk::NONE, 0)])
     } else {
         send(writer, &[&proto::simple_reply(req.cookie, 0)])
     }
@@ -152,7 +169,7 @@ fn reply_error(writer: &Mutex<Conn>, s: &Session, req: Request, err: u32) -> io:
         send(
             writer,
             &[
-                &proto::chunk_header(req.cookie, chunk::FLAG_DONE, chunk::ERROR, p.len() as u32),
+                &chunk(s, req, chunk::FLAG_DONE, chunk::ERROR, p.len() as u64),
                 &p,
             ],
         )
@@ -167,23 +184,31 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
     let size = img.size();
     let in_range = req
         .offset
-        .checked_add(req.len as u64)
+        .checked_add(req.len)
         .is_some_and(|end| end <= size);
+    let flagged_payload = s.extended && req.flags & cflag::PAYLOAD_LEN != 0;
     let result: Result<(), u32> = match req.kind {
+        cmd::BLOCK_STATUS if flagged_payload => {
+            return block_status(e, s, writer, req, Some(&work.payload))
+        }
+        // No other command has a payload form.
+        cmd::READ | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::FLUSH if flagged_payload => {
+            Err(errno::EINVAL)
+        }
         cmd::READ | cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::BLOCK_STATUS
             if !in_range =>
         {
             Err(errno::EINVAL)
         }
         cmd::READ => return read(img, s, writer, req),
-        cmd::BLOCK_STATUS => return block_status(img, s, writer, req),
+        cmd::BLOCK_STATUS => return block_status(e, s, writer, req, None),
         cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES if e.read_only => Err(errno::EPERM),
         cmd::WRITE
             if e.detect_zeroes != DetectZeroes::Off && imgloop::storage::is_zero(&work.payload) =>
         {
             img.write_zeroes_with(
                 req.offset,
-                req.len as u64,
+                req.len,
                 ZeroFlags {
                     may_unmap: e.detect_zeroes == DetectZeroes::Unmap && e.unmap,
                     fua: req.flags & cflag::FUA != 0,
@@ -204,7 +229,7 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
         cmd::WRITE_ZEROES => img
             .write_zeroes_with(
                 req.offset,
-                req.len as u64,
+                req.len,
                 ZeroFlags {
                     may_unmap: req.flags & cflag::NO_HOLE == 0,
                     fua: req.flags & cflag::FUA != 0,
@@ -214,7 +239,7 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
             .map_err(|e| errno_of(&e)),
         cmd::TRIM => {
             let r = if e.unmap {
-                img.discard(req.offset, req.len as u64)
+                img.discard(req.offset, req.len)
             } else {
                 Ok(())
             };
@@ -242,7 +267,7 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
 /// chunks (not read at all) unless the client asked for one data chunk
 /// (`DF`).
 fn read(img: &imgloop::Image, s: &Session, writer: &Mutex<Conn>, req: Request) -> io::Result<()> {
-    let (off, len) = (req.offset, req.len as u64);
+    let (off, len) = (req.offset, req.len);
     if !s.structured {
         let mut buf = vec![0u8; len as usize];
         return match img.read(&mut buf, off) {
@@ -297,21 +322,17 @@ fn read(img: &imgloop::Image, s: &Session, writer: &Mutex<Conn>, req: Request) -
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
         match buf {
             None => {
-                w.write_all(&proto::chunk_header(
-                    req.cookie,
-                    flags,
-                    chunk::OFFSET_HOLE,
-                    12,
-                ))?;
+                w.write_all(&chunk(s, req, flags, chunk::OFFSET_HOLE, 12))?;
                 w.write_all(&p.to_be_bytes())?;
                 w.write_all(&(*n as u32).to_be_bytes())?;
             }
             Some(buf) => {
-                w.write_all(&proto::chunk_header(
-                    req.cookie,
+                w.write_all(&chunk(
+                    s,
+                    req,
                     flags,
                     chunk::OFFSET_DATA,
-                    8 + buf.len() as u32,
+                    8 + buf.len() as u64,
                 ))?;
                 w.write_all(&p.to_be_bytes())?;
                 w.write_all(buf)?;
@@ -321,45 +342,102 @@ fn read(img: &imgloop::Image, s: &Session, writer: &Mutex<Conn>, req: Request) -
     w.flush()
 }
 
-/// BLOCK_STATUS: one chunk per selected context, descriptors of
-/// (length, flags) covering a prefix of the range.
+/// BLOCK_STATUS: one chunk per selected context (or per context the
+/// extended-header payload names), descriptors of (length, flags)
+/// covering a prefix of the range; 64-bit descriptors with extended
+/// headers.
 fn block_status(
-    img: &imgloop::Image,
+    e: &Export,
     s: &Session,
     writer: &Mutex<Conn>,
     req: Request,
+    payload: Option<&[u8]>,
 ) -> io::Result<()> {
-    if !s.structured || s.contexts.is_empty() || req.len == 0 {
+    let img = &e.image;
+    // The payload form: the effect length, then the context IDs wanted.
+    let (len, contexts) = match payload {
+        None => (req.len, s.contexts.clone()),
+        Some(p) => {
+            let ids: Vec<u32> = p
+                .get(8..)
+                .unwrap_or_default()
+                .chunks(4)
+                .map(|c| u32::from_be_bytes(c.try_into().unwrap_or([0; 4])))
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            let valid = p.len() >= 8
+                && p.len() % 4 == 0
+                && ids
+                    .iter()
+                    .all(|id| s.contexts.contains(id) && seen.insert(*id));
+            if !valid {
+                return reply_error(writer, s, req, errno::EINVAL);
+            }
+            let len = u64::from_be_bytes(p[0..8].try_into().expect("8 bytes"));
+            let ids = if ids.is_empty() {
+                s.contexts.clone()
+            } else {
+                ids
+            };
+            (len, ids)
+        }
+    };
+    let size = img.size();
+    let in_range = req.offset.checked_add(len).is_some_and(|end| end <= size);
+    if !s.structured || contexts.is_empty() || len == 0 || !in_range {
         return reply_error(writer, s, req, errno::EINVAL);
     }
     let one = req.flags & cflag::REQ_ONE != 0;
-    let end = req.offset + req.len as u64;
-    let mut replies: Vec<(u32, Vec<(u32, u32)>)> = Vec::new();
-    for &ctx in &s.contexts {
-        let mut ext: Vec<(u32, u32)> = Vec::new();
+    let end = req.offset + len;
+    // Descriptor lengths: 64-bit with extended headers, else 32-bit (in
+    // whole sectors).
+    let max_desc = if s.extended {
+        u64::MAX
+    } else {
+        u32::MAX as u64 & !511
+    };
+    let mut replies: Vec<(u32, Vec<(u64, u64)>)> = Vec::new();
+    for &ctx in &contexts {
+        let mut ext: Vec<(u64, u64)> = Vec::new();
         let mut pos = req.offset;
         while pos < end && ext.len() < MAX_EXTENTS {
-            let (st, depth) = match img.block_status_chain(pos, end - pos) {
-                Ok(r) => r,
-                Err(e) => return reply_error(writer, s, req, errno_of(&e)),
-            };
-            let n = st.len.max(1).min(end - pos).min(u32::MAX as u64 & !511);
-            let flags = if ctx == CONTEXT_ALLOCATION {
-                (if st.data { 0 } else { proto::STATE_HOLE })
-                    | (if st.zero { proto::STATE_ZERO } else { 0 })
-            } else {
-                // qemu's allocation depth: 0 unallocated in the chain,
-                // else 1 for this image, 2 for its backing file, ...
-                let allocated = st.allocated;
-                if allocated {
-                    depth as u32 + 1
-                } else {
-                    0
+            let (n, flags) = match ctx {
+                CONTEXT_ALLOCATION | CONTEXT_DEPTH => {
+                    let (st, depth) = match img.block_status_chain(pos, end - pos) {
+                        Ok(r) => r,
+                        Err(err) => return reply_error(writer, s, req, errno_of(&err)),
+                    };
+                    let flags = if ctx == CONTEXT_ALLOCATION {
+                        (if st.data { 0 } else { proto::STATE_HOLE })
+                            | (if st.zero { proto::STATE_ZERO } else { 0 })
+                    } else if st.allocated {
+                        // qemu's allocation depth: 0 unallocated in the
+                        // chain, else 1 for this image, 2 for its backing
+                        // file, ...
+                        depth as u32 + 1
+                    } else {
+                        0
+                    };
+                    (st.len, flags)
+                }
+                id => {
+                    let i = (id - CONTEXT_BITMAP0) as usize;
+                    let Some(name) = e.bitmaps.get(i) else {
+                        return reply_error(writer, s, req, errno::EINVAL);
+                    };
+                    match img.bitmap_status(name, pos, end - pos) {
+                        Ok((dirty, n)) => (n, if dirty { proto::STATE_DIRTY } else { 0 }),
+                        Err(err) => return reply_error(writer, s, req, errno_of(&err)),
+                    }
                 }
             };
+            let n = n.max(1).min(end - pos).min(max_desc);
+            let flags = flags as u64;
             match ext.last_mut() {
-                Some(l) if l.1 == flags && (l.0 as u64 + n) <= u32::MAX as u64 => l.0 += n as u32,
-                _ => ext.push((n as u32, flags)),
+                Some(l) if l.1 == flags && l.0.checked_add(n).is_some_and(|t| t <= max_desc) => {
+                    l.0 += n
+                }
+                _ => ext.push((n, flags)),
             }
             pos += n;
             if one {
@@ -367,7 +445,7 @@ fn block_status(
             }
         }
         if ext.is_empty() {
-            ext.push((req.len, 0));
+            ext.push((len.min(max_desc), 0));
         }
         if one {
             ext.truncate(1);
@@ -378,17 +456,22 @@ fn block_status(
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
     for (i, (ctx, ext)) in replies.iter().enumerate() {
         let mut p = ctx.to_be_bytes().to_vec();
-        for (l, f) in ext {
-            p.extend_from_slice(&l.to_be_bytes());
-            p.extend_from_slice(&f.to_be_bytes());
-        }
+        let kind = if s.extended {
+            p.extend_from_slice(&(ext.len() as u32).to_be_bytes());
+            for (l, f) in ext {
+                p.extend_from_slice(&l.to_be_bytes());
+                p.extend_from_slice(&f.to_be_bytes());
+            }
+            chunk::BLOCK_STATUS_EXT
+        } else {
+            for (l, f) in ext {
+                p.extend_from_slice(&(*l as u32).to_be_bytes());
+                p.extend_from_slice(&(*f as u32).to_be_bytes());
+            }
+            chunk::BLOCK_STATUS
+        };
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
-        w.write_all(&proto::chunk_header(
-            req.cookie,
-            flags,
-            chunk::BLOCK_STATUS,
-            p.len() as u32,
-        ))?;
+        w.write_all(&chunk(s, req, flags, kind, p.len() as u64))?;
         w.write_all(&p)?;
     }
     w.flush()

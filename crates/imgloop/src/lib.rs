@@ -22,6 +22,7 @@
 //! ```
 
 pub mod crypto;
+pub mod dirty_bitmap;
 pub mod driver;
 pub mod error;
 pub mod formats;
@@ -38,6 +39,7 @@ pub mod storage;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
+pub use dirty_bitmap::DirtyBitmap;
 pub use driver::{
     BlockStatus, CheckReport, CreateOptions, Driver, Format, Mapping, Preallocation, RepairMode,
     SnapshotSelector, StorageId, WriteFlags, ZeroFlags,

@@ -305,6 +305,13 @@ pub enum BitmapOp {
     Enable(String),
     /// Stop tracking writes.
     Disable(String),
+    /// Set in `target` every bit `source` has set (`bitmap --merge`).
+    Merge {
+        /// The bitmap changed.
+        target: String,
+        /// The bits added (read from this image or another one).
+        source: crate::DirtyBitmap,
+    },
 }
 
 /// What `amend` changes: the `-o` options, the secrets they name

@@ -299,6 +299,23 @@ pub trait Driver: Send + Sync {
         ))
     }
 
+    /// Whether `offset` is dirty in the persistent bitmap `name`, and for
+    /// how many bytes (at most `max_len`) that stays so (NBD's
+    /// `qemu:dirty-bitmap:` contexts).
+    fn bitmap_status(&self, _name: &str, _offset: u64, _max_len: u64) -> Result<(bool, u64)> {
+        Err(Error::unsupported(
+            "Persistent bitmaps are not supported by this image format",
+        ))
+    }
+
+    /// The bits of the persistent dirty bitmap `name`, with the writes of
+    /// this open recorded in them.
+    fn bitmap_read(&self, _name: &str) -> Result<crate::DirtyBitmap> {
+        Err(Error::unsupported(
+            "Persistent bitmaps are not supported by this image format",
+        ))
+    }
+
     /// The persistent dirty bitmaps (name, granularity in bytes), or
     /// `None` when this image cannot hold any (only qcow2 version 3 can).
     fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {

@@ -303,6 +303,20 @@ impl Image {
         self.driver.bitmap(op).map_err(|e| self.err(e))
     }
 
+    /// The bits of the persistent dirty bitmap `name` (with this open's
+    /// writes recorded in an enabled one).
+    pub fn bitmap_read(&self, name: &str) -> Result<crate::DirtyBitmap> {
+        self.driver.bitmap_read(name).map_err(|e| self.err(e))
+    }
+
+    /// Whether `offset` is dirty in the persistent bitmap `name`, and for
+    /// how many bytes (at most `max_len`) that stays so.
+    pub fn bitmap_status(&self, name: &str, offset: u64, max_len: u64) -> Result<(bool, u64)> {
+        self.driver
+            .bitmap_status(name, offset, max_len)
+            .map_err(|e| self.err(e))
+    }
+
     /// Makes every cluster of this layer unallocated (`commit`).
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable("commit")?;

@@ -2,11 +2,8 @@
 //! enabling and disabling bitmaps (`imgloop bitmap`), resizing them with
 //! the disk, and keeping the extension's autoclear bit true.
 //!
-//! imgloop does not record guest writes in bitmaps. A read-write open
-//! keeps the bitmaps valid (the autoclear bit stays set) until the first
-//! change of guest data while an enabled (`auto`) bitmap exists: then the
-//! bit is cleared first, so QEMU treats the bitmaps as stale rather than
-//! trusting bitmaps that miss writes. Disabled bitmaps stay valid.
+//! Guest writes are recorded in the enabled bitmaps (`bitmap_data`); the
+//! bits recorded so far are stored before any change made here.
 //!
 //! Every change ends in one header write (the extension names the new
 //! directory) after the new tables and directory are durable; the old
@@ -49,34 +46,9 @@ impl Qcow2 {
             && self.bitmap_list(t).is_ok()
     }
 
-    /// Before guest data changes: with an enabled bitmap, the bitmaps
-    /// stop being valid (imgloop does not record the change).
-    pub(crate) fn before_data_change(&self) -> Result<()> {
-        if !self.bitmaps_kept.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let _serial = self.flush_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut t = self.tables_mut();
-        if !self.bitmaps_kept.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let any_enabled = self
-            .bitmap_list(&t)
-            .map(|l| l.iter().any(|b| b.flags & FLAG_AUTO != 0))
-            .unwrap_or(true);
-        if !any_enabled {
-            return Ok(());
-        }
-        t.header.autoclear_features &= !autoclear::BITMAPS;
-        self.write_header(&t)?;
-        self.sync_file()?;
-        self.bitmaps_kept.store(false, Ordering::Release);
-        Ok(())
-    }
-
     /// The data clusters a bitmap table references, checked before any
     /// of them is freed: cluster-aligned, inside the file, referenced once.
-    fn bitmap_data(&self, b: &Bitmap) -> Result<Vec<u64>> {
+    pub(super) fn bitmap_data(&self, b: &Bitmap) -> Result<Vec<u64>> {
         if b.table_size == 0 {
             return Ok(Vec::new());
         }
@@ -119,7 +91,7 @@ impl Qcow2 {
 
     /// The clusters `ranges` name are each referenced once (so freeing
     /// them frees nothing else).
-    fn check_sole(&self, t: &mut Tables, ranges: &[(u64, u64)]) -> Result<()> {
+    pub(super) fn check_sole(&self, t: &mut Tables, ranges: &[(u64, u64)]) -> Result<()> {
         let cs = self.cluster_size;
         let mut seen = std::collections::HashSet::new();
         for &(off, len) in ranges {
@@ -137,7 +109,7 @@ impl Qcow2 {
     }
 
     /// Writes a bitmap table of `entries` to fresh clusters.
-    fn write_bitmap_table(&self, t: &mut Tables, entries: &[u64]) -> Result<u64> {
+    pub(super) fn write_bitmap_table(&self, t: &mut Tables, entries: &[u64]) -> Result<u64> {
         let cs = self.cluster_size;
         let mut bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
         let clusters = (bytes.len() as u64).div_ceil(cs).max(1);
@@ -152,8 +124,17 @@ impl Qcow2 {
     /// Makes `list` the bitmaps: a new directory, then the header naming
     /// it (without bitmaps: no extension); then `free` (byte ranges) and
     /// the old directory are released.
-    fn switch_bitmaps(&self, t: &mut Tables, list: &[Bitmap], free: Vec<(u64, u64)>) -> Result<()> {
+    pub(super) fn switch_bitmaps(
+        &self,
+        t: &mut Tables,
+        list: &[Bitmap],
+        free: Vec<(u64, u64)>,
+    ) -> Result<()> {
         let cs = self.cluster_size;
+        self.bitmap_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let old = t.header.extension(ext::BITMAPS).map(|e| e.to_vec());
         let (payload, bit) = if list.is_empty() {
             (None, false)
@@ -201,7 +182,7 @@ impl Qcow2 {
     }
 
     /// Runs `f` on the bitmap list under the locks, for a writable image.
-    fn edit_bitmaps<R>(
+    pub(super) fn edit_bitmaps<R>(
         &self,
         f: impl FnOnce(&Self, &mut Tables, &mut Vec<Bitmap>, &mut Vec<(u64, u64)>) -> Result<R>,
     ) -> Result<R> {
@@ -214,6 +195,7 @@ impl Qcow2 {
                 "persistent bitmaps need a version 3 (compat=1.1) image",
             ));
         }
+        self.store_recorded(t)?;
         self.flush_held(t)?;
         let mut list = self.bitmap_list(t)?;
         let mut free = Vec::new();
@@ -223,7 +205,7 @@ impl Qcow2 {
         Ok(r)
     }
 
-    fn find_bitmap(list: &[Bitmap], name: &str) -> Result<usize> {
+    pub(super) fn find_bitmap(list: &[Bitmap], name: &str) -> Result<usize> {
         list.iter().position(|b| b.name == name).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
@@ -340,6 +322,7 @@ impl Qcow2 {
         if !self.bitmaps_kept.load(Ordering::Acquire) {
             return Ok(());
         }
+        self.store_recorded(t)?;
         let cs = self.cluster_size;
         let mut list = self.bitmap_list(t)?;
         let mut free = Vec::new();

@@ -31,7 +31,10 @@
 mod alloc;
 mod amend;
 pub mod bitmap;
+mod bitmap_data;
 mod bitmap_ops;
+#[cfg(test)]
+mod bitmap_tests;
 mod check;
 mod compress;
 mod create;
@@ -329,6 +332,14 @@ pub struct Qcow2 {
     /// Read-write: the persistent bitmaps are still valid (see
     /// `bitmap_ops`).
     pub(crate) bitmaps_kept: std::sync::atomic::AtomicBool,
+    /// Guest writes are being recorded in `live_bitmaps` (see
+    /// `bitmap_data`).
+    pub(crate) recording: std::sync::atomic::AtomicBool,
+    /// The enabled bitmaps, by name, while recording.
+    pub(crate) live_bitmaps: Mutex<Vec<(String, crate::DirtyBitmap)>>,
+    /// Bitmaps read for `bitmap_status`, dropped at every change of the
+    /// bitmap directory.
+    pub(crate) bitmap_cache: Mutex<Vec<(String, Arc<crate::DirtyBitmap>)>>,
 }
 
 impl Qcow2 {
@@ -442,7 +453,7 @@ impl Driver for Qcow2 {
     }
 
     fn map_write(&self, offset: u64, len: u64) -> Result<WriteMapping> {
-        self.before_data_change()?;
+        self.before_data_change(offset, len)?;
         write::map_write(self, offset, len)
     }
 
@@ -455,12 +466,12 @@ impl Driver for Qcow2 {
     }
 
     fn map_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<ZeroMapping> {
-        self.before_data_change()?;
+        self.before_data_change(offset, len)?;
         write::map_zeroes(self, offset, len, flags)
     }
 
     fn map_discard(&self, offset: u64, len: u64) -> Result<DiscardMapping> {
-        self.before_data_change()?;
+        self.before_data_change(offset, len)?;
         write::map_discard(self, offset, len)
     }
 
@@ -480,7 +491,7 @@ impl Driver for Qcow2 {
     }
 
     fn write_compressed(&self, packed: &[u8], offset: u64) -> Result<bool> {
-        self.before_data_change()?;
+        self.before_data_change(offset, self.cluster_size)?;
         compress::write_compressed(self, packed, offset)
     }
 
@@ -548,8 +559,8 @@ impl Driver for Qcow2 {
     }
 
     fn make_empty(&self) -> Result<()> {
-        self.before_data_change()?;
         let size = self.size.load(Ordering::Acquire);
+        self.before_data_change(0, size)?;
         write::unallocate(self, 0, size)?;
         self.flush_meta()
     }
@@ -585,7 +596,16 @@ impl Driver for Qcow2 {
             }
             BitmapOp::Enable(n) => self.enable_bitmap(n, true),
             BitmapOp::Disable(n) => self.enable_bitmap(n, false),
+            BitmapOp::Merge { target, source } => self.merge_bitmap(target, source),
         }
+    }
+
+    fn bitmap_read(&self, name: &str) -> Result<crate::DirtyBitmap> {
+        self.bitmap_bits(name)
+    }
+
+    fn bitmap_status(&self, name: &str, offset: u64, max_len: u64) -> Result<(bool, u64)> {
+        self.bitmap_range_status(name, offset, max_len)
     }
 
     fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
@@ -602,6 +622,7 @@ impl Driver for Qcow2 {
     }
 
     fn amend(&self, opts: &crate::driver::AmendOptions) -> Result<()> {
+        self.store_recorded_bitmaps()?;
         amend::amend(self, opts)
     }
 
@@ -610,7 +631,7 @@ impl Driver for Qcow2 {
     }
 
     fn snapshot_apply(&self, key: &str) -> Result<()> {
-        self.before_data_change()?;
+        self.before_data_change(0, self.size.load(Ordering::Acquire))?;
         self.apply_snapshot(key)
     }
 
@@ -640,6 +661,7 @@ impl Driver for Qcow2 {
         if self.read_only() {
             return Ok(());
         }
+        self.store_recorded_bitmaps()?;
         self.flush_meta()?;
         self.sync_file()
     }

@@ -156,6 +156,9 @@ impl Qcow2 {
             snapshot_view: false,
             crypt,
             bitmaps_kept: std::sync::atomic::AtomicBool::new(false),
+            recording: std::sync::atomic::AtomicBool::new(false),
+            live_bitmaps: Mutex::new(Vec::new()),
+            bitmap_cache: Mutex::new(Vec::new()),
         };
         let view = ["snapshot", "snapshot.id", "snapshot.name"]
             .iter()

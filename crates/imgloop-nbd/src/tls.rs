@@ -1,0 +1,300 @@
+//! TLS for the NBD server (`NBD_OPT_STARTTLS`), with rustls: X.509
+//! credentials laid out as qemu's `tls-creds-x509` directory, and a TLS
+//! stream that one reader thread and many reply writers share.
+//!
+//! Sharing: the TLS state sits in one mutex, the socket's write side in
+//! another (`wire`). A writer takes `wire`, encrypts under the state lock,
+//! and writes to the socket with the state lock released, so the reader
+//! never waits on a writer blocked by a slow client. The reader reads the
+//! socket with no lock held; when the TLS state has output of its own
+//! (alerts) it sends it only if `wire` is free, else the writer holding
+//! `wire` sends it: a writer releases `wire` only while holding the state
+//! lock and after seeing nothing left to send.
+
+use crate::Conn;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConnection};
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Longest a client may take over the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Server TLS credentials.
+#[derive(Clone)]
+pub struct TlsCreds {
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsCreds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsCreds")
+    }
+}
+
+fn creds_error(path: &Path, what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("Unable to load TLS credentials {}: {what}", path.display()),
+    )
+}
+
+impl TlsCreds {
+    /// X.509 credentials from `dir` as qemu's `tls-creds-x509` reads it:
+    /// `server-cert.pem` (the certificate, then its chain),
+    /// `server-key.pem`, and for `verify_peer` `ca-cert.pem` (the CAs
+    /// client certificates must chain to) with an optional `ca-crl.pem`.
+    pub fn x509(dir: &Path, verify_peer: bool) -> io::Result<TlsCreds> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert_path = dir.join("server-cert.pem");
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+            .map_err(|e| creds_error(&cert_path, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| creds_error(&cert_path, e))?;
+        if certs.is_empty() {
+            return Err(creds_error(&cert_path, "no certificate in the file"));
+        }
+        let key_path = dir.join("server-key.pem");
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| creds_error(&key_path, e))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?;
+        let builder = if verify_peer {
+            let ca_path = dir.join("ca-cert.pem");
+            let mut roots = RootCertStore::empty();
+            for c in
+                CertificateDer::pem_file_iter(&ca_path).map_err(|e| creds_error(&ca_path, e))?
+            {
+                roots
+                    .add(c.map_err(|e| creds_error(&ca_path, e))?)
+                    .map_err(|e| creds_error(&ca_path, e))?;
+            }
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let crl_path = dir.join("ca-crl.pem");
+            if crl_path.exists() {
+                let crls = CertificateRevocationListDer::pem_file_iter(&crl_path)
+                    .map_err(|e| creds_error(&crl_path, e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| creds_error(&crl_path, e))?;
+                verifier = verifier.with_crls(crls);
+            }
+            let verifier = verifier.build().map_err(|e| creds_error(&ca_path, e))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| creds_error(&cert_path, e))?;
+        // NBD clients do not resume sessions.
+        config.send_tls13_tickets = 0;
+        Ok(TlsCreds {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The TLS state and the socket's write side, shared by every handle.
+struct Shared {
+    state: Mutex<ServerConnection>,
+    wire: Mutex<Conn>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Sends whatever the TLS state has queued. Called with both locks;
+    /// returns with neither, `wire` released while `state` is held.
+    fn finish<'a>(
+        &'a self,
+        mut wire: MutexGuard<'a, Conn>,
+        mut state: MutexGuard<'a, ServerConnection>,
+    ) -> io::Result<()> {
+        let mut buf = Vec::new();
+        loop {
+            while state.wants_write() {
+                state.write_tls(&mut buf)?;
+            }
+            if buf.is_empty() {
+                drop(wire);
+                return Ok(());
+            }
+            drop(state);
+            wire.write_all(&buf)?;
+            wire.flush()?;
+            buf.clear();
+            state = lock(&self.state);
+        }
+    }
+
+    /// Encrypts and sends `data`.
+    fn send(&self, data: &[u8]) -> io::Result<()> {
+        let wire = lock(&self.wire);
+        let mut state = lock(&self.state);
+        state.writer().write_all(data)?;
+        self.finish(wire, state)
+    }
+}
+
+/// One handle on a TLS connection (the reader's or a writer's).
+pub struct TlsConn {
+    /// The socket, for reading.
+    raw: Conn,
+    shared: Arc<Shared>,
+    /// Plaintext read and not yet handed out.
+    plain: Vec<u8>,
+    pos: usize,
+    /// The client closed the session (close_notify).
+    closed: bool,
+}
+
+impl TlsConn {
+    /// Runs the server side of the TLS handshake on `raw`.
+    pub(crate) fn accept(raw: Conn, creds: &TlsCreds) -> io::Result<TlsConn> {
+        let mut state = ServerConnection::new(creds.config.clone()).map_err(io::Error::other)?;
+        state.set_buffer_limit(None);
+        let mut sock = raw.try_clone()?;
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        while state.is_handshaking() {
+            state.complete_io(&mut sock)?;
+        }
+        while state.wants_write() {
+            state.write_tls(&mut sock)?;
+        }
+        sock.set_read_timeout(None)?;
+        Ok(TlsConn {
+            raw,
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                wire: Mutex::new(sock),
+            }),
+            plain: Vec::new(),
+            pos: 0,
+            closed: false,
+        })
+    }
+
+    /// Another handle on the same session (for writing).
+    pub(crate) fn try_clone(&self) -> io::Result<TlsConn> {
+        Ok(TlsConn {
+            raw: self.raw.try_clone()?,
+            shared: self.shared.clone(),
+            plain: Vec::new(),
+            pos: 0,
+            closed: false,
+        })
+    }
+
+    /// The socket underneath.
+    pub(crate) fn raw(&self) -> &Conn {
+        &self.raw
+    }
+
+    /// Ends the session cleanly (close_notify), as NBD_CMD_DISC asks.
+    pub(crate) fn close_notify(&self) -> io::Result<()> {
+        let wire = lock(&self.shared.wire);
+        let mut state = lock(&self.shared.state);
+        state.send_close_notify();
+        self.shared.finish(wire, state)
+    }
+
+    /// Moves the plaintext the TLS state holds into `plain`.
+    fn drain(&mut self, state: &mut ServerConnection) -> io::Result<()> {
+        let mut tmp = [0u8; 16 << 10];
+        loop {
+            match state.reader().read(&mut tmp) {
+                Ok(0) => {
+                    self.closed = true;
+                    return Ok(());
+                }
+                Ok(n) => self.plain.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if !self.plain.is_empty() => {
+                    // Hand out what came before the unclean end first.
+                    let _ = e;
+                    self.closed = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends TLS output the reader caused (alerts), unless a writer holds
+    /// the socket (it sends it then).
+    fn send_own_output(&self, state: MutexGuard<'_, ServerConnection>) -> io::Result<()> {
+        if !state.wants_write() {
+            return Ok(());
+        }
+        match self.shared.wire.try_lock() {
+            Ok(wire) => self.shared.finish(wire, state),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.shared.finish(p.into_inner(), state),
+            Err(std::sync::TryLockError::WouldBlock) => Ok(()),
+        }
+    }
+}
+
+impl Read for TlsConn {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let mut raw = vec![0u8; 18 << 10];
+        loop {
+            if self.pos < self.plain.len() {
+                let n = out.len().min(self.plain.len() - self.pos);
+                out[..n].copy_from_slice(&self.plain[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            if self.closed {
+                return Ok(0);
+            }
+            self.plain.clear();
+            self.pos = 0;
+            {
+                let shared = self.shared.clone();
+                let mut state = lock(&shared.state);
+                self.drain(&mut state)?;
+            }
+            if !self.plain.is_empty() || self.closed {
+                continue;
+            }
+            // No lock held while waiting for the client.
+            let n = self.raw.read(&mut raw)?;
+            let shared = self.shared.clone();
+            let mut state = lock(&shared.state);
+            let mut input: &[u8] = &raw[..n];
+            loop {
+                state.read_tls(&mut input)?;
+                if let Err(e) = state.process_new_packets() {
+                    let _ = self.send_own_output(state);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+                self.drain(&mut state)?;
+                if input.is_empty() {
+                    break;
+                }
+            }
+            self.send_own_output(state)?;
+            if n == 0 && self.plain.is_empty() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
+
+impl Write for TlsConn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.shared.send(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
