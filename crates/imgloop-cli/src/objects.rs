@@ -137,6 +137,36 @@ impl ObjectArgs {
         Ok(None)
     }
 
+    /// The identity of the `authz-simple` object with this `id`.
+    pub fn authz_identity(&self, want: &str) -> Result<String> {
+        for def in &self.objects {
+            let mut fields = split_options(def)?;
+            if fields.is_empty() {
+                continue;
+            }
+            let (kind, on) = fields.remove(0);
+            let kind = if on == "on" { kind } else { on };
+            if !kind.starts_with("authz-") {
+                continue;
+            }
+            let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            if get("id").as_deref() != Some(want) {
+                continue;
+            }
+            if kind != "authz-simple" {
+                return Err(Error::unsupported(format!(
+                    "authorization objects of type {kind} are not supported (authz-simple is)"
+                )));
+            }
+            return get("identity").ok_or_else(|| {
+                Error::invalid_argument(format!("authz-simple '{want}': 'identity' is missing"))
+            });
+        }
+        Err(Error::invalid_argument(format!(
+            "No authorization object with id '{want}'"
+        )))
+    }
+
     /// The secrets the `--object` flags define.
     pub fn secrets(&self) -> Result<Secrets> {
         let mut secrets = Secrets::new();
@@ -155,8 +185,11 @@ impl ObjectArgs {
                     "--object must start with its type (secret)",
                 ));
             };
-            if matches!(kind.as_str(), "tls-creds-x509" | "tls-creds-psk") {
-                // Read by `tls_creds` (serve).
+            if matches!(
+                kind.as_str(),
+                "tls-creds-x509" | "tls-creds-psk" | "authz-simple"
+            ) {
+                // Read by `tls_creds` and `authz_identity` (serve).
                 continue;
             }
             if kind != "secret" {

@@ -63,6 +63,11 @@ pub struct Args {
     /// server-key.pem).
     #[arg(long = "tls-creds", value_name = "ID|DIR")]
     tls_creds: Option<String>,
+    /// Let in only clients whose certificate subject is the identity of
+    /// `--object authz-simple,id=ID,identity=DN` (DN as qemu writes it,
+    /// e.g. `C=GB,,O=Example,,CN=client1` with commas doubled).
+    #[arg(long = "tls-authz", value_name = "ID")]
+    tls_authz: Option<String>,
     /// With --tls-creds DIR: require client certificates signed by
     /// DIR/ca-cert.pem (an --object says it with verify-peer, default on).
     #[arg(long = "tls-verify-peer")]
@@ -290,12 +295,19 @@ fn serve(a: &Args) -> Result<()> {
                     "No TLS credentials with id '{id}' (an --object tls-creds-x509 or a directory)"
                 )));
             }
-            Some(
-                TlsCreds::x509(&dir, verify)
-                    .map_err(|e| Error::io("loading the TLS credentials", e).in_file(&dir))?,
-            )
+            let creds = TlsCreds::x509(&dir, verify)
+                .map_err(|e| Error::io("loading the TLS credentials", e).in_file(&dir))?;
+            Some(match &a.tls_authz {
+                Some(id) => creds.with_authz(a.objects.authz_identity(id)?),
+                None => creds,
+            })
         }
     };
+    if a.tls_authz.is_some() && a.tls_creds.is_none() {
+        return Err(Error::invalid_argument(
+            "--tls-authz is not permitted without --tls-creds",
+        ));
+    }
     let mut exports = Vec::new();
     let read_only = a.read_only || a.snapshot.is_some();
     let first = open_export(

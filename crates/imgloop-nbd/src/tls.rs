@@ -28,6 +28,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct TlsCreds {
     config: Arc<rustls::ServerConfig>,
+    /// Only a client certificate with this subject is let in (qemu's
+    /// `--tls-authz` with an `authz-simple` identity).
+    authz: Option<String>,
 }
 
 impl std::fmt::Debug for TlsCreds {
@@ -95,8 +98,74 @@ impl TlsCreds {
         config.send_tls13_tickets = 0;
         Ok(TlsCreds {
             config: Arc::new(config),
+            authz: None,
         })
     }
+
+    /// Lets in only clients whose certificate subject, written as GnuTLS
+    /// and qemu write it (`C=GB,O=Example,CN=client1`: the names in
+    /// certificate order), is `identity`.
+    pub fn with_authz(mut self, identity: impl Into<String>) -> TlsCreds {
+        self.authz = Some(identity.into());
+        self
+    }
+}
+
+/// Short names GnuTLS gives the attributes of a distinguished name.
+const DN_NAMES: &[(&str, &str)] = &[
+    ("2.5.4.6", "C"),
+    ("2.5.4.8", "ST"),
+    ("2.5.4.7", "L"),
+    ("2.5.4.10", "O"),
+    ("2.5.4.11", "OU"),
+    ("2.5.4.3", "CN"),
+    ("2.5.4.5", "serialNumber"),
+    ("2.5.4.12", "title"),
+    ("1.2.840.113549.1.9.1", "EMAIL"),
+    ("0.9.2342.19200300.100.1.25", "DC"),
+    ("0.9.2342.19200300.100.1.1", "UID"),
+];
+
+/// A DN value with GnuTLS's escapes: a backslash before `, + " \ < > ;`,
+/// before a leading space or `#` and before a trailing space.
+fn escape_dn_value(v: &str) -> String {
+    let mut out = String::new();
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && matches!(c, ' ' | '#'))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The subject of a DER certificate as GnuTLS writes it: relative names
+/// in certificate order joined by ',', several values of one joined by
+/// '+'; attributes without a short name as `OID=#hex`.
+pub fn subject_dn(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let mut rdns = Vec::new();
+    for rdn in cert.subject().iter() {
+        let mut parts = Vec::new();
+        for attr in rdn.iter() {
+            let oid = attr.attr_type().to_id_string();
+            let name = DN_NAMES.iter().find(|(o, _)| *o == oid).map(|(_, n)| *n);
+            match (name, attr.as_str()) {
+                (Some(n), Ok(v)) => parts.push(format!("{n}={}", escape_dn_value(v))),
+                _ => {
+                    let hex: String = attr.as_slice().iter().map(|b| format!("{b:02x}")).collect();
+                    parts.push(format!("{oid}=#{hex}"));
+                }
+            }
+        }
+        rdns.push(parts.join("+"));
+    }
+    Some(rdns.join(","))
 }
 
 /// The TLS state and the socket's write side, shared by every handle.
@@ -169,6 +238,21 @@ impl TlsConn {
             state.write_tls(&mut sock)?;
         }
         sock.set_read_timeout(None)?;
+        if let Some(want) = &creds.authz {
+            let dn = state
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| subject_dn(c.as_ref()));
+            if dn.as_deref() != Some(want.as_str()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "TLS x509 authz check for {} is denied",
+                        dn.as_deref().unwrap_or("a client without a certificate")
+                    ),
+                ));
+            }
+        }
         Ok(TlsConn {
             raw,
             shared: Arc::new(Shared {
@@ -296,5 +380,21 @@ impl Write for TlsConn {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dn_values_are_escaped_as_gnutls_does() {
+        assert_eq!(escape_dn_value("Acme, Inc."), "Acme\\, Inc.");
+        assert_eq!(
+            escape_dn_value(" lead#x;y<z>\"q\\"),
+            "\\ lead#x\\;y\\<z\\>\\\"q\\\\"
+        );
+        assert_eq!(escape_dn_value("#a b "), "\\#a b\\ ");
+        assert_eq!(escape_dn_value("plain"), "plain");
     }
 }
