@@ -465,12 +465,13 @@ fn extended_headers_carry_64_bit_lengths_and_the_block_status_filter() {
     c.request(0x20, 4, 6, 0, 16, &[0u8; 16]);
     let (_, kind, cookie, _, _) = c.chunk();
     assert_eq!((kind, cookie), (0x8001, 6));
-    // A read: hole and data chunks, all carrying the request's offset.
-    c.request(0, 0, 7, (1 << 20) - 4096, 8192, &[]);
+    // A read (64 KiB or more, so holes are looked for): hole and data
+    // chunks, all carrying the request's offset.
+    c.request(0, 0, 7, (1 << 20) - 65536, 131072, &[]);
     let mut got = Vec::new();
     loop {
         let (flags, kind, _, offset, p) = c.chunk();
-        assert_eq!(offset, (1 << 20) - 4096);
+        assert_eq!(offset, (1 << 20) - 65536);
         got.push(kind);
         if kind == 1 {
             assert!(p[8..].iter().all(|&b| b == 7));

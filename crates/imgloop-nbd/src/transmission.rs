@@ -73,13 +73,15 @@ pub fn run(conn: Conn, config: Arc<ServerConfig>, session: Session) -> io::Resul
 }
 
 fn read_requests(
-    mut conn: Conn,
+    conn: Conn,
     config: &ServerConfig,
     session: &Session,
     writer: &Mutex<Conn>,
     mut dispatch: impl FnMut(Work) -> io::Result<()>,
 ) -> io::Result<bool> {
     let _ = &config.exports[session.export];
+    // Clients queue requests back to back: one read takes many headers.
+    let mut conn = io::BufReader::with_capacity(64 << 10, conn);
     loop {
         let req = match Request::read(&mut conn, session.extended) {
             Ok(Some(r)) => r,
@@ -164,15 +166,10 @@ fn reply_ok(writer: &Mutex<Conn>, s: &Session, req: Request) -> io::Result<()> {
 
 fn reply_error(writer: &Mutex<Conn>, s: &Session, req: Request, err: u32) -> io::Result<()> {
     if s.structured {
-        let mut p = err.to_be_bytes().to_vec();
-        p.extend_from_slice(&0u16.to_be_bytes());
-        send(
-            writer,
-            &[
-                &chunk(s, req, chunk::FLAG_DONE, chunk::ERROR, p.len() as u64),
-                &p,
-            ],
-        )
+        let mut b = chunk(s, req, chunk::FLAG_DONE, chunk::ERROR, 6);
+        b.extend_from_slice(&err.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        send(writer, &[&b])
     } else {
         send(writer, &[&proto::simple_reply(req.cookie, err)])
     }
@@ -263,83 +260,74 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
     }
 }
 
+/// Reads shorter than this go as one data chunk without asking where
+/// the holes are (for small reads the lookup costs more than the zeroes
+/// it would save sending).
+const SPARSE_READ_MIN: u64 = 64 << 10;
+
 /// READ: with structured replies, ranges that read as zeroes go as hole
 /// chunks (not read at all) unless the client asked for one data chunk
-/// (`DF`).
+/// (`DF`) or the read is small. Each chunk is built in one buffer (the
+/// data read in place behind its header) and sent with one write.
 fn read(img: &imgloop::Image, s: &Session, writer: &Mutex<Conn>, req: Request) -> io::Result<()> {
     let (off, len) = (req.offset, req.len);
     if !s.structured {
-        let mut buf = vec![0u8; len as usize];
-        return match img.read(&mut buf, off) {
-            Ok(()) => send(writer, &[&proto::simple_reply(req.cookie, 0), &buf]),
+        let mut buf = vec![0u8; 16 + len as usize];
+        return match img.read(&mut buf[16..], off) {
+            Ok(()) => {
+                buf[..16].copy_from_slice(&proto::simple_reply(req.cookie, 0));
+                send(writer, &[&buf])
+            }
             Err(e) => reply_error(writer, s, req, errno_of(&e)),
         };
-    }
-    let df = req.flags & cflag::DF != 0;
-    // Plan the chunks first, so an error can still be the only reply.
-    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
-    let mut pos = off;
-    while pos < off + len {
-        let zero = if df {
-            false
-        } else {
-            match img.block_status_chain(pos, off + len - pos) {
-                Ok((st, _)) => {
-                    let n = st.len.max(1).min(off + len - pos);
-                    let z = st.zero;
-                    match pieces.last_mut() {
-                        Some(p) if p.2 == z && p.0 + p.1 == pos => p.1 += n,
-                        _ => pieces.push((pos, n, z)),
-                    }
-                    pos += n;
-                    continue;
-                }
-                Err(_) => false,
-            }
-        };
-        pieces.push((pos, off + len - pos, zero));
-        break;
     }
     if len == 0 {
         return reply_ok(writer, s, req);
     }
-    // (offset, length, data; none for a hole)
-    let mut chunks: Vec<(u64, u64, Option<Vec<u8>>)> = Vec::with_capacity(pieces.len());
-    for (p, n, zero) in pieces {
-        if zero {
-            chunks.push((p, n, None));
-            continue;
+    let sparse = req.flags & cflag::DF == 0 && len >= SPARSE_READ_MIN;
+    // Plan the chunks first, so an error can still be the only reply:
+    // (offset, length, reads as zeroes).
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = off;
+    while pos < off + len {
+        let status = if sparse {
+            img.block_status_chain(pos, off + len - pos).ok()
+        } else {
+            None
+        };
+        let Some((st, _)) = status else {
+            pieces.push((pos, off + len - pos, false));
+            break;
+        };
+        let n = st.len.max(1).min(off + len - pos);
+        match pieces.last_mut() {
+            Some(p) if p.2 == st.zero && p.0 + p.1 == pos => p.1 += n,
+            _ => pieces.push((pos, n, st.zero)),
         }
-        let mut buf = vec![0u8; n as usize];
-        if let Err(e) = img.read(&mut buf, p) {
-            return reply_error(writer, s, req, errno_of(&e));
-        }
-        chunks.push((p, n, Some(buf)));
+        pos += n;
     }
-    let last = chunks.len() - 1;
-    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    for (i, (p, n, buf)) in chunks.iter().enumerate() {
+    let hdr = if s.extended { 32 } else { 20 };
+    let last = pieces.len() - 1;
+    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(pieces.len());
+    for (i, (p, n, zero)) in pieces.into_iter().enumerate() {
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
-        match buf {
-            None => {
-                w.write_all(&chunk(s, req, flags, chunk::OFFSET_HOLE, 12))?;
-                w.write_all(&p.to_be_bytes())?;
-                w.write_all(&(*n as u32).to_be_bytes())?;
+        let mut b;
+        if zero {
+            b = chunk(s, req, flags, chunk::OFFSET_HOLE, 12);
+            b.extend_from_slice(&p.to_be_bytes());
+            b.extend_from_slice(&(n as u32).to_be_bytes());
+        } else {
+            b = vec![0u8; hdr + 8 + n as usize];
+            if let Err(e) = img.read(&mut b[hdr + 8..], p) {
+                return reply_error(writer, s, req, errno_of(&e));
             }
-            Some(buf) => {
-                w.write_all(&chunk(
-                    s,
-                    req,
-                    flags,
-                    chunk::OFFSET_DATA,
-                    8 + buf.len() as u64,
-                ))?;
-                w.write_all(&p.to_be_bytes())?;
-                w.write_all(buf)?;
-            }
+            b[..hdr].copy_from_slice(&chunk(s, req, flags, chunk::OFFSET_DATA, 8 + n));
+            b[hdr..hdr + 8].copy_from_slice(&p.to_be_bytes());
         }
+        chunks.push(b);
     }
-    w.flush()
+    let parts: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
+    send(writer, &parts)
 }
 
 /// BLOCK_STATUS: one chunk per selected context (or per context the
@@ -471,8 +459,9 @@ fn block_status(
             chunk::BLOCK_STATUS
         };
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
-        w.write_all(&chunk(s, req, flags, kind, p.len() as u64))?;
-        w.write_all(&p)?;
+        let mut b = chunk(s, req, flags, kind, p.len() as u64);
+        b.extend_from_slice(&p);
+        w.write_all(&b)?;
     }
     w.flush()
 }
