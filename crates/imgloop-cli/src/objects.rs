@@ -68,6 +68,9 @@ fn split_options(text: &str) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// An object's `key=value` fields, in order.
+type Fields = Vec<(String, String)>;
+
 /// TLS credentials an `--object tls-creds-x509,...` defines.
 pub struct TlsObject {
     /// `dir`: where the PEM files are.
@@ -78,10 +81,10 @@ pub struct TlsObject {
 }
 
 impl ObjectArgs {
-    /// The `tls-creds-x509` object with this `id`, if any. A
-    /// `tls-creds-psk` one is refused (rustls, the TLS library, has no
-    /// external pre-shared keys).
-    pub fn tls_creds(&self, want: &str) -> Result<Option<TlsObject>> {
+    /// Each `--object` as (type, the other fields); the type is the first
+    /// word or `qom-type=`.
+    fn typed_objects(&self) -> Result<Vec<(String, Fields)>> {
+        let mut out = Vec::new();
         for def in &self.objects {
             let mut fields = split_options(def)?;
             if fields.is_empty() {
@@ -89,6 +92,16 @@ impl ObjectArgs {
             }
             let (kind, on) = fields.remove(0);
             let kind = if on == "on" { kind } else { on };
+            out.push((kind, fields));
+        }
+        Ok(out)
+    }
+
+    /// The `tls-creds-x509` object with this `id`, if any. A
+    /// `tls-creds-psk` one is refused (rustls, the TLS library, has no
+    /// external pre-shared keys).
+    pub fn tls_creds(&self, want: &str) -> Result<Option<TlsObject>> {
+        for (kind, fields) in self.typed_objects()? {
             if !matches!(kind.as_str(), "tls-creds-x509" | "tls-creds-psk") {
                 continue;
             }
@@ -139,13 +152,7 @@ impl ObjectArgs {
 
     /// The identity of the `authz-simple` object with this `id`.
     pub fn authz_identity(&self, want: &str) -> Result<String> {
-        for def in &self.objects {
-            let mut fields = split_options(def)?;
-            if fields.is_empty() {
-                continue;
-            }
-            let (kind, on) = fields.remove(0);
-            let kind = if on == "on" { kind } else { on };
+        for (kind, fields) in self.typed_objects()? {
             if !kind.starts_with("authz-") {
                 continue;
             }

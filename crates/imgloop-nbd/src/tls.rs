@@ -222,6 +222,8 @@ pub struct TlsConn {
     pos: usize,
     /// The client closed the session (close_notify).
     closed: bool,
+    /// Ciphertext read from the socket (one TLS record and some).
+    raw_buf: Vec<u8>,
 }
 
 impl TlsConn {
@@ -262,6 +264,7 @@ impl TlsConn {
             plain: Vec::new(),
             pos: 0,
             closed: false,
+            raw_buf: Vec::new(),
         })
     }
 
@@ -273,6 +276,7 @@ impl TlsConn {
             plain: Vec::new(),
             pos: 0,
             closed: false,
+            raw_buf: Vec::new(),
         })
     }
 
@@ -327,7 +331,6 @@ impl TlsConn {
 
 impl Read for TlsConn {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let mut raw = vec![0u8; 18 << 10];
         loop {
             if self.pos < self.plain.len() {
                 let n = out.len().min(self.plain.len() - self.pos);
@@ -349,6 +352,8 @@ impl Read for TlsConn {
                 continue;
             }
             // No lock held while waiting for the client.
+            let mut raw = std::mem::take(&mut self.raw_buf);
+            raw.resize(18 << 10, 0);
             let n = self.raw.read(&mut raw)?;
             let shared = self.shared.clone();
             let mut state = lock(&shared.state);
@@ -364,6 +369,7 @@ impl Read for TlsConn {
                     break;
                 }
             }
+            self.raw_buf = raw;
             self.send_own_output(state)?;
             if n == 0 && self.plain.is_empty() {
                 return Err(io::ErrorKind::UnexpectedEof.into());
