@@ -4,9 +4,9 @@
 //! `encrypt.state=active|inactive`, ...).
 
 use crate::common::{fail, open_image, parse_options};
+use crate::progress::Progress;
 use imgloop::driver::AmendOptions;
 use imgloop::Error;
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -81,19 +81,14 @@ fn amend(a: &Args) -> imgloop::Result<()> {
         return Ok(());
     }
     let img = open_image(&a.file, a.format.as_deref(), false, false, &a.objects)?;
-    let show = a.progress && !a.quiet;
-    if show {
-        print!("    (0.00/100%)\r");
-        let _ = std::io::stdout().flush();
-    }
+    // One step, as qemu-img shows an amend that has no long rewrite.
+    let progress = Progress::new(a.progress && !a.quiet, 1);
     img.amend(&AmendOptions {
         options,
         secrets: a.objects.secrets()?,
         force: a.force,
     })?;
     img.close()?;
-    if show {
-        println!("    (100.00/100%)");
-    }
+    progress.finish();
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! again, as `qemu-img commit` does.
 
 use crate::common::{fail, open_with};
+use crate::progress::Progress;
 use imgloop::size::parse_size;
 use imgloop::{Error, Image, OpenOptions, Result};
 use std::path::{Path, PathBuf};
@@ -11,12 +12,14 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   imgloop commit overlay.qcow2          # into its backing file, overlay emptied
-  imgloop commit -d -p overlay.qcow2    # keep the overlay's data")]
+  imgloop commit -d -p overlay.qcow2    # keep the overlay's data
+  imgloop commit -b base.qcow2 top.qcow2   # every layer above base.qcow2 into it")]
 pub struct Args {
     /// Image format (probed when not given).
     #[arg(short = 'f')]
     format: Option<String>,
-    /// The backing file to commit into (imgloop: the image's own backing file).
+    /// The image of the backing chain to commit into (default: the backing
+    /// file); implies `-d`.
     #[arg(short = 'b', value_name = "BASE")]
     base: Option<PathBuf>,
     /// Do not empty the image after committing.
@@ -61,6 +64,8 @@ fn commit(a: &Args) -> Result<()> {
         Some(r) => Some(parse_size(r)?.max(1)),
         None => None,
     };
+    // As in qemu-img, naming the base (`-b`) implies `-d`.
+    let keep = a.keep || a.base.is_some();
     let spec = a.objects.spec(&a.file, a.format.as_deref())?;
     // The image without its chain (the backing file is opened for writing
     // below, and two opens of one file would conflict).
@@ -68,7 +73,7 @@ fn commit(a: &Args) -> Result<()> {
         &spec.path,
         &OpenOptions {
             format: spec.format,
-            read_only: a.keep,
+            read_only: keep,
             driver_options: spec.options,
             secrets: a.objects.secrets()?,
             policy: imgloop::FilePolicy::like_qemu_img().without_backing(),
@@ -85,11 +90,8 @@ fn commit(a: &Args) -> Result<()> {
     let base_path = imgloop::FilePolicy::resolve(Some(&path), &backing.filename);
     if let Some(b) = &a.base {
         if !imgloop::image::same_file(b, &base_path) {
-            return Err(Error::unsupported(format!(
-                "'{}' is not the image's backing file ('{}'); imgloop commits into the direct backing file only",
-                b.display(),
-                base_path.display()
-            )));
+            drop(img);
+            return commit_deeper(a, b, rate);
         }
     }
     let base = Image::open(
@@ -106,15 +108,79 @@ fn commit(a: &Args) -> Result<()> {
         // The base grows to hold everything, as qemu-img's commit does.
         base.resize(img.size(), imgloop::Preallocation::Off, false)?;
     }
+    copy_above(a, &img, 1, &base, rate)?;
+    // The data is durable in the base before the image lets go of it.
+    base.sync()?;
+    base.close()?;
+    if !keep {
+        img.make_empty()?;
+    }
+    img.close()
+}
+
+/// `commit -b BASE` with BASE deeper in the chain than the backing file:
+/// everything the layers above BASE hold is written into BASE, and nothing
+/// else changes (as in qemu-img, `-b` implies `-d`: the image keeps its
+/// data, and the layers between it and BASE now hold data BASE has too).
+fn commit_deeper(a: &Args, base_name: &Path, rate: Option<u64>) -> Result<()> {
+    let spec = a.objects.spec(&a.file, a.format.as_deref())?;
+    // The whole chain, read-only and without locks: BASE is opened for
+    // writing below, and only ranges held above it are read.
+    let top = open_with(
+        &spec.path,
+        &OpenOptions {
+            format: spec.format,
+            read_only: true,
+            force_share: true,
+            driver_options: spec.options,
+            secrets: a.objects.secrets()?,
+            policy: imgloop::FilePolicy::like_qemu_img(),
+            ..Default::default()
+        },
+    )?;
+    let Some((depth, layer)) = top.chain().into_iter().enumerate().skip(1).find(|(_, l)| {
+        l.path()
+            .is_some_and(|p| imgloop::image::same_file(p, base_name))
+    }) else {
+        return Err(Error::invalid_argument(format!(
+            "Did not find '{}' in the backing chain of '{}'",
+            base_name.display(),
+            a.file.display()
+        )));
+    };
+    let base_path = layer.path().map(Path::to_path_buf).unwrap_or_default();
+    let base = Image::open(
+        &base_path,
+        &OpenOptions {
+            format: Some(layer.format().to_string()),
+            policy: imgloop::FilePolicy::like_qemu_img(),
+            secrets: a.objects.secrets()?,
+            ..OpenOptions::read_write(None)
+        },
+    )
+    .map_err(|e| Error::new(e.kind(), format!("Could not open the base image: {e}")))?;
+    if base.size() < top.size() {
+        base.resize(top.size(), imgloop::Preallocation::Off, false)?;
+    }
+    copy_above(a, &top, depth, &base, rate)?;
+    base.sync()?;
+    base.close()
+}
+
+/// Writes into `base` every range that a layer of `img`'s chain above
+/// depth `limit` holds (data, or zeroes it stores as such), read through
+/// `img`; `-r` and `-p` apply.
+fn copy_above(a: &Args, img: &Image, limit: usize, base: &Image, rate: Option<u64>) -> Result<()> {
     let size = img.size();
     let start = Instant::now();
     let mut done = 0u64;
     let mut pos = 0u64;
     let mut buf = vec![0u8; 1 << 20];
+    let progress = Progress::new(a.progress && !a.quiet, size);
     while pos < size {
-        let st = img.block_status(pos, size - pos)?;
+        let (st, depth) = img.block_status_chain(pos, size - pos)?;
         let end = pos + st.len.max(1);
-        if st.allocated {
+        if st.allocated && depth < limit {
             if st.zero {
                 base.write_zeroes(pos, end - pos, false)?;
                 done += end - pos;
@@ -137,18 +203,8 @@ fn commit(a: &Args) -> Result<()> {
             }
         }
         pos = end;
-        if a.progress && !a.quiet {
-            print!("    ({:.2}/100%)\r", pos as f64 * 100.0 / size as f64);
-        }
+        progress.set(pos);
     }
-    if a.progress && !a.quiet {
-        println!("    (100.00/100%)");
-    }
-    // The data is durable in the base before the image lets go of it.
-    base.sync()?;
-    base.close()?;
-    if !a.keep {
-        img.make_empty()?;
-    }
-    img.close()
+    progress.finish();
+    Ok(())
 }

@@ -5,8 +5,6 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 
 /// `--output` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -200,56 +198,6 @@ pub fn parse_options(list: &[String]) -> Result<BTreeMap<String, String>> {
         }
     }
     Ok(map)
-}
-
-/// A qemu-img style progress indicator: `    (42.00/100%)` rewritten in place.
-pub struct Progress {
-    enabled: bool,
-    total: u64,
-    done: AtomicU64,
-    last: Mutex<f64>,
-}
-
-impl Progress {
-    /// A progress indicator over `total` units; prints only when `enabled`.
-    pub fn new(enabled: bool, total: u64) -> Self {
-        let p = Progress {
-            enabled,
-            total: total.max(1),
-            done: AtomicU64::new(0),
-            last: Mutex::new(-1.0),
-        };
-        p.print(0.0, true);
-        p
-    }
-
-    /// Adds `n` finished units.
-    pub fn add(&self, n: u64) {
-        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
-        let pct = (done as f64 * 100.0 / self.total as f64).min(100.0);
-        self.print(pct, false);
-    }
-
-    fn print(&self, pct: f64, force: bool) {
-        if !self.enabled {
-            return;
-        }
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if force || pct - *last >= 1.0 || (pct >= 100.0 && *last < 100.0) {
-            *last = pct;
-            let mut out = std::io::stdout().lock();
-            let _ = write!(out, "    ({pct:.2}/100%)\r");
-            let _ = out.flush();
-        }
-    }
-
-    /// Ends the indicator line.
-    pub fn finish(&self) {
-        if self.enabled {
-            self.print(100.0, true);
-            println!();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `imgloop compare`, with qemu-img's messages and exit codes.
 
-use crate::common::{open_image, report, Progress};
+use crate::common::{open_image, report};
+use crate::progress::Progress;
 use imgloop::storage::is_zero;
 use imgloop::{Image, Result};
 use std::path::PathBuf;
@@ -125,7 +126,10 @@ fn compare(ia: &Image, ib: &Image, a: &Args) -> Result<Outcome> {
         let (st_a, _) = ia.block_status_chain(pos, common - pos)?;
         let (st_b, _) = ib.block_status_chain(pos, common - pos)?;
         let mut n = st_a.len.min(st_b.len);
-        if a.strict && st_a.allocated != st_b.allocated {
+        // As qemu-img, strict mode compares the whole status: allocation,
+        // data and reads-as-zero.
+        let status = |s: &imgloop::BlockStatus| (s.allocated, s.data, s.zero);
+        if a.strict && status(&st_a) != status(&st_b) {
             return Ok(Outcome::Different(format!(
                 "Strict mode: Offset {pos} block status mismatch!"
             )));

@@ -8,7 +8,8 @@
 //! bytes (and reflinks them where the filesystem can); with `-S 0` whole
 //! allocated extents go that way without being read into user space.
 
-use crate::common::{fail, parse_options, Progress};
+use crate::common::{fail, parse_options};
+use crate::progress::Progress;
 use imgloop::size::parse_size;
 use imgloop::storage::{copy_file_range_all, is_zero};
 use imgloop::{CreateOptions, Error, Image, Mapping, OpenOptions, Result, StorageId};
@@ -81,6 +82,20 @@ pub struct Args {
     /// Rate limit in bytes per second (suffixes k, M, G).
     #[arg(short = 'r', value_name = "RATE")]
     rate: Option<String>,
+    /// Copy offloading (`copy_file_range`, which also reflinks where the
+    /// filesystem can): used wherever source and target store data
+    /// plainly (raw to raw today), with or without this flag; refused with
+    /// `-c`, `-S` and `--salvage`, as qemu-img does.
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    copy_range: bool,
+    /// Also copy the persistent dirty bitmaps of the source (qcow2 to
+    /// qcow2), with their granularity and enabled state.
+    #[arg(long)]
+    bitmaps: bool,
+    /// With `--bitmaps`: skip inconsistent (in-use) bitmaps with a
+    /// warning instead of failing.
+    #[arg(long)]
+    skip_broken_bitmaps: bool,
     /// Open the source without taking locks.
     #[arg(short = 'U', long)]
     force_share: bool,
@@ -183,7 +198,80 @@ fn plan_aligned(src: &Image, grid: u64) -> Result<Vec<Job>> {
     Ok(jobs)
 }
 
+/// The flag combinations qemu-img refuses before opening anything.
+fn check_flags(a: &Args) -> Result<()> {
+    let refuse = |msg: &'static str| Err(Error::invalid_argument(msg));
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return refuse("Use of --skip-broken-bitmaps requires --bitmaps");
+    }
+    if a.copy_range && a.compress {
+        return refuse("Cannot enable copy offloading when -c is used");
+    }
+    if a.copy_range && a.sparse.is_some() {
+        return refuse("Cannot enable copy offloading when -S is used");
+    }
+    if a.copy_range && a.salvage {
+        return refuse("Cannot use copy offloading in salvaging mode");
+    }
+    Ok(())
+}
+
+/// The persistent bitmaps of `src` that `--bitmaps` copies: (name,
+/// granularity, enabled). An inconsistent one fails the command, or is
+/// left out with a warning under `--skip-broken-bitmaps`.
+fn bitmaps_to_copy(a: &Args, src: &Image) -> Result<Vec<(String, u64, bool)>> {
+    let Some(imgloop::driver::FormatSpecific::Qcow2(q)) = src.info().format_specific else {
+        return Err(Error::unsupported("Source lacks bitmap support").in_file(&a.source));
+    };
+    if q.compat != "1.1" {
+        return Err(Error::unsupported("Source lacks bitmap support").in_file(&a.source));
+    }
+    let mut out = Vec::new();
+    for b in q.bitmaps.unwrap_or_default() {
+        let flag = |f: &str| b.flags.iter().any(|x| x == f);
+        if flag("in-use") {
+            if a.skip_broken_bitmaps {
+                eprintln!(
+                    "imgloop: warning: Skipping inconsistent bitmap '{}'",
+                    b.name
+                );
+                continue;
+            }
+            return Err(Error::invalid_argument(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use \
+                 'qemu-img bitmap --remove' to delete it",
+                b.name
+            )));
+        }
+        out.push((b.name, b.granularity, flag("auto")));
+    }
+    Ok(out)
+}
+
+/// Whether an opened image keeps persistent bitmaps (qcow2 version 3).
+fn keeps_bitmaps(img: &Image) -> bool {
+    matches!(img.info().format_specific, Some(imgloop::driver::FormatSpecific::Qcow2(q)) if q.compat == "1.1")
+}
+
+/// Adds each bitmap to `dst` and sets the bits `src` has.
+fn copy_bitmaps(src: &Image, dst: &Image, list: &[(String, u64, bool)]) -> Result<()> {
+    for (name, granularity, enabled) in list {
+        let bits = src.bitmap_read(name)?;
+        dst.bitmap(&imgloop::driver::BitmapOp::Add {
+            name: name.clone(),
+            granularity: Some(*granularity),
+            enabled: *enabled,
+        })?;
+        dst.bitmap(&imgloop::driver::BitmapOp::Merge {
+            target: name.clone(),
+            source: bits,
+        })?;
+    }
+    Ok(())
+}
+
 fn convert(a: &Args) -> Result<()> {
+    check_flags(a)?;
     let secrets = a.objects.secrets()?;
     let mut spec = a.objects.spec(&a.source, a.format.as_deref())?;
     if let Some(l) = &a.snapshot {
@@ -256,6 +344,23 @@ fn convert(a: &Args) -> Result<()> {
         ))
         .in_file(&a.target));
     }
+    let bitmaps = if a.bitmaps {
+        let list = bitmaps_to_copy(a, &src)?;
+        // Refused before the target is made (qemu-img creates it first).
+        let v2 = options
+            .get("compat")
+            .is_some_and(|c| c == "0.10" || c == "compat=0.10");
+        if !a.no_create && (a.out_format != "qcow2" || v2) {
+            return Err(Error::unsupported(format!(
+                "Format driver '{}' does not support bitmaps",
+                a.out_format
+            ))
+            .in_file(&a.target));
+        }
+        list
+    } else {
+        Vec::new()
+    };
     // The target is opened with the key it is created with.
     let mut target_options = BTreeMap::new();
     if let Some(id) = options.get("encrypt.key-secret") {
@@ -289,6 +394,13 @@ fn convert(a: &Args) -> Result<()> {
             "target is smaller ({} bytes) than the source ({} bytes)",
             dst.size(),
             src.size()
+        ))
+        .in_file(&a.target));
+    }
+    if a.bitmaps && !keeps_bitmaps(&dst) {
+        return Err(Error::unsupported(format!(
+            "Format driver '{}' does not support bitmaps",
+            dst.format()
         ))
         .in_file(&a.target));
     }
@@ -353,6 +465,7 @@ fn convert(a: &Args) -> Result<()> {
     if let Some(e) = ctx.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
     }
+    copy_bitmaps(&src, &dst, &bitmaps)?;
     progress.finish();
     dst.sync()?;
     dst.close()?;

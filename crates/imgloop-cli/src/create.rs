@@ -112,7 +112,9 @@ fn create_with(file: PathBuf, format: &str, new: NewImage, quiet: bool) -> imglo
             Error::invalid_argument("Backing file specified without backing format").in_file(&file),
         );
     }
-    // Sizes are whole 512-byte sectors, rounded up as qemu-img does.
+    // Sizes are whole 512-byte sectors, rounded up as qemu-img does (its
+    // `Formatting` line still shows the size as given).
+    let requested = size;
     let size = match size {
         Some(s) => Some(
             s.checked_next_multiple_of(512)
@@ -137,7 +139,7 @@ fn create_with(file: PathBuf, format: &str, new: NewImage, quiet: bool) -> imglo
     if !quiet {
         // As qemu-img, the size of an image made over a backing file is
         // the backing file's when none is given.
-        let shown = match size {
+        let shown = match requested {
             Some(s) => Some(s),
             None => opts.backing_file.as_deref().and_then(|b| {
                 let full = imgloop::FilePolicy::resolve(Some(&file), b);

@@ -3,6 +3,7 @@
 //! messages.
 
 use crate::common::{fail, open_image};
+use crate::progress::Progress;
 use imgloop::{CreateOptions, Error, OpenOptions, Result};
 use std::path::PathBuf;
 
@@ -31,6 +32,9 @@ pub struct Args {
     /// Open the input without taking locks (it may be in use).
     #[arg(short = 'U', long)]
     force_share: bool,
+    /// Show progress (an addition: qemu-img dd has no `-p`).
+    #[arg(short = 'p')]
+    progress: bool,
     /// `--object` and `--image-opts`.
     #[command(flatten)]
     objects: crate::objects::ObjectArgs,
@@ -140,13 +144,21 @@ fn dd(a: &Args) -> Result<()> {
         &ops.output,
         &OpenOptions::read_write(Some(&a.output_format)),
     )?;
-    copy(&input, &out, offset, len)?;
+    let progress = Progress::new(a.progress, len);
+    copy(&input, &out, offset, len, &progress)?;
+    progress.finish();
     out.close()
 }
 
 /// Copies `len` bytes of `from` at `offset` to the start of `to`, every
 /// block written (as qemu-img dd writes them).
-fn copy(from: &imgloop::Image, to: &imgloop::Image, offset: u64, len: u64) -> Result<()> {
+fn copy(
+    from: &imgloop::Image,
+    to: &imgloop::Image,
+    offset: u64,
+    len: u64,
+    progress: &Progress,
+) -> Result<()> {
     const CHUNK: u64 = 4 << 20;
     let mut buf = vec![0u8; CHUNK.min(len) as usize];
     let mut done = 0;
@@ -155,6 +167,7 @@ fn copy(from: &imgloop::Image, to: &imgloop::Image, offset: u64, len: u64) -> Re
         from.read(&mut buf[..n], offset + done)?;
         to.write(&buf[..n], done)?;
         done += n as u64;
+        progress.set(done);
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ mod list;
 mod map;
 mod measure;
 mod objects;
+mod progress;
 mod rebase;
 mod resize;
 mod serve;

@@ -99,7 +99,9 @@ pub fn run(a: Args) -> u8 {
                 first = false;
                 let _ = write!(out, "{sep}{}", json_line(&e));
             }
-            Output::Human if !e.data => {}
+            // As qemu-img: only data that does not read as zeroes is listed
+            // (a data cluster over a hole in the file reads as zeroes).
+            Output::Human if !e.data || e.zero => {}
             Output::Human if e.compressed || e.encrypted => {
                 // As qemu-img: such data has no place to show.
                 stop = Some(Stop::Transformed);

@@ -6,6 +6,7 @@
 //! of it in).
 
 use crate::common::{fail, open_with};
+use crate::progress::Progress;
 use imgloop::{Error, Image, OpenOptions, Result};
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,10 @@ pub struct Args {
     /// Unsafe: change the name only (the new file need not exist).
     #[arg(short = 'u')]
     unsafe_mode: bool,
+    /// Write the data a safe rebase copies into the image compressed
+    /// (whole clusters; formats with compression only).
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
@@ -120,6 +125,7 @@ fn name_and_format<'a>(
 fn unsafe_rebase(a: &Args, name: Option<&str>) -> Result<()> {
     check_caches(a)?;
     let img = open_image(a, false)?;
+    check_compression(a, &img)?;
     let new = name_and_format(a, name)?;
     img.set_backing(new)
         .map_err(|e| cannot_change(name.unwrap_or(""), e))?;
@@ -142,10 +148,22 @@ fn check_caches(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// `-c` needs a format that stores compressed clusters (checked in both
+/// modes, as qemu-img does).
+fn check_compression(a: &Args, img: &Image) -> Result<()> {
+    if a.compress && img.compression_unit().is_none() {
+        return Err(Error::unsupported(
+            "Compression not supported for this file format",
+        ));
+    }
+    Ok(())
+}
+
 fn safe_rebase(a: &Args, name: &str) -> Result<()> {
     check_caches(a)?;
     let new = name_and_format(a, Some(name))?;
     let img = open_image(a, true)?;
+    check_compression(a, &img)?;
     let path = img
         .path()
         .map(Path::to_path_buf)
@@ -190,12 +208,18 @@ fn safe_rebase(a: &Args, name: &str) -> Result<()> {
 /// content differs from `new`'s (zeroes without a new backing file).
 fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<()> {
     let size = img.size();
-    let step = img.info().cluster_size.unwrap_or(65536).clamp(512, 1 << 20);
+    // Under -c the pieces are the compression units (clusters), so that
+    // each can be written compressed.
+    let unit = img.compression_unit().filter(|_| a.compress);
+    let step = match unit {
+        Some(u) => u,
+        None => img.info().cluster_size.unwrap_or(65536).clamp(512, 1 << 20),
+    };
     let old = img.backing().cloned();
     let mut old_buf = vec![0u8; step as usize];
     let mut new_buf = vec![0u8; step as usize];
     let mut pos = 0u64;
-    let mut last_pct = u64::MAX;
+    let progress = Progress::new(a.progress && !a.quiet, size);
     while pos < size {
         let st = img.block_status(pos, size - pos)?;
         let run_end = pos + st.len.max(1);
@@ -216,20 +240,22 @@ fn copy_differences(a: &Args, img: &Image, new: Option<&Image>) -> Result<()> {
                 None => w.fill(0),
             }
             if o != w {
-                img.write(o, pos)?;
-            }
-            pos += n as u64;
-            if a.progress && !a.quiet {
-                let pct = pos * 100 / size;
-                if pct != last_pct {
-                    last_pct = pct;
-                    print!("    ({pct}.00/100%)\r");
+                // A whole unit under -c goes compressed; a piece of one (an
+                // allocated neighbour shares the cluster) goes plainly.
+                let whole = unit.is_some_and(|u| {
+                    pos.is_multiple_of(u) && (n as u64 == u || pos + n as u64 == size)
+                });
+                if whole {
+                    img.write_compressed(o, pos)?;
+                } else {
+                    img.write(o, pos)?;
                 }
             }
+            pos += n as u64;
+            progress.set(pos);
         }
+        progress.set(pos);
     }
-    if a.progress && !a.quiet {
-        println!("    (100.00/100%)");
-    }
+    progress.finish();
     Ok(())
 }

@@ -8,9 +8,8 @@ use imgloop_nbd::{serve_connection, Conn, DetectZeroes, Export, ServerConfig, Tl
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
@@ -40,7 +39,7 @@ pub struct Args {
     /// TCP port to listen on [default: 10809].
     #[arg(short = 'p', long = "port")]
     port: Option<u16>,
-    /// Clients served at once (others are refused).
+    /// Clients served at once (others wait until one leaves).
     #[arg(short = 'e', long = "shared", default_value_t = 1)]
     shared: usize,
     /// Keep serving after the last client leaves.
@@ -395,7 +394,11 @@ fn serve(a: &Args) -> Result<()> {
             let _ = tx.send(Stop::Signal);
         });
     }
-    let active = Arc::new(AtomicUsize::new(0));
+    // Clients being served. At the `--shared` limit the listener is not
+    // read: a new client waits in the kernel's backlog until one leaves,
+    // as with qemu-nbd (refusing it would fail a client that connects
+    // just as the previous one disconnects).
+    let active: Arc<(Mutex<usize>, Condvar)> = Arc::default();
     let conns: Arc<Mutex<Vec<Client>>> = Arc::default();
     let listener = Arc::new(listener);
     {
@@ -407,19 +410,20 @@ fn serve(a: &Args) -> Result<()> {
         );
         let (shared, persistent) = (a.shared.max(1), a.persistent);
         std::thread::spawn(move || loop {
+            {
+                let (count, freed) = &*active;
+                let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+                while *n >= shared {
+                    n = freed.wait(n).unwrap_or_else(|e| e.into_inner());
+                }
+            }
             let Ok(conn) = listener.accept() else {
                 continue;
             };
-            if active.load(Ordering::Acquire) >= shared {
-                // At the limit: refused, as qemu-nbd's --shared does.
-                conn.shutdown();
-                continue;
-            }
-            active.fetch_add(1, Ordering::AcqRel);
             let Ok(handle_conn) = conn.try_clone() else {
-                active.fetch_sub(1, Ordering::AcqRel);
                 continue;
             };
+            *active.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             let (config, active, tx) = (config.clone(), active.clone(), stop_tx.clone());
             let t = std::thread::spawn(move || {
                 if let Err(e) = serve_connection(conn, &config) {
@@ -431,7 +435,11 @@ fn serve(a: &Args) -> Result<()> {
                         eprintln!("imgloop: a client connection ended: {e}");
                     }
                 }
-                if active.fetch_sub(1, Ordering::AcqRel) == 1 && !persistent {
+                let (count, freed) = &*active;
+                let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+                *n -= 1;
+                freed.notify_one();
+                if *n == 0 && !persistent {
                     let _ = tx.send(Stop::LastClientLeft);
                 }
             });

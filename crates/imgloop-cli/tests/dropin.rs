@@ -907,3 +907,153 @@ fn convert_salvage_and_rate_limit_behave_as_in_qemu_img() {
         vec![7u8; 4 << 20]
     );
 }
+
+/// Checks that `out` is qemu-img's progress form: `    (P/100%)` pieces
+/// ended by `\r`, from 0.00 up to 100.00 without going back, then `\n`.
+fn assert_qemu_progress(what: &str, out: &str) {
+    let body = out
+        .strip_suffix("\r\n")
+        .unwrap_or_else(|| panic!("{what}: progress ends with \\r\\n: {out:?}"));
+    let mut last = -1.0f64;
+    let pieces: Vec<&str> = body.split('\r').collect();
+    for piece in &pieces {
+        let pct = piece
+            .strip_prefix("    (")
+            .and_then(|p| p.strip_suffix("/100%)"))
+            .unwrap_or_else(|| panic!("{what}: not a progress piece: {piece:?}"));
+        assert_eq!(
+            pct.split('.').nth(1).map(str::len),
+            Some(2),
+            "{what}: {piece:?}"
+        );
+        let pct: f64 = pct.parse().unwrap();
+        assert!(pct >= last, "{what}: progress went back: {out:?}");
+        last = pct;
+    }
+    assert_eq!(pieces[0], "    (0.00/100%)", "{what}");
+    assert_eq!(last, 100.0, "{what}");
+}
+
+#[test]
+fn progress_is_drawn_in_qemu_imgs_form_by_every_long_command() {
+    let sc = Scratch::new();
+    let img = sc.path("p.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]).ok();
+    qemu_io("qcow2", &img, &["write -P 7 0 40M"]).ok();
+    let top = sc.path("top.qcow2");
+    let mk_top = || {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "p.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ])
+        .ok();
+        qemu_io("qcow2", &top, &["write -P 9 1M 10M"]).ok();
+    };
+    let (raw, copy) = (sc.path("p.raw"), sc.path("copy.raw"));
+    let runs: Vec<(&str, Vec<String>)> = vec![
+        (
+            "convert",
+            vec!["convert", "-p", "-O", "raw", s(&img), s(&raw)],
+        ),
+        ("compare", vec!["compare", "-p", s(&img), s(&raw)]),
+        (
+            "dd",
+            vec![
+                "dd",
+                "-p",
+                &format!("if={}", s(&img)),
+                &format!("of={}", s(&copy)),
+                "bs=1M",
+            ],
+        ),
+        ("rebase", vec!["rebase", "-p", "-b", "", s(&top)]),
+        ("commit", vec!["commit", "-p", s(&top)]),
+        (
+            "amend",
+            vec!["amend", "-p", "-o", "lazy_refcounts=on", s(&img)],
+        ),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n, v.into_iter().map(|x| x.to_string()).collect()))
+    .collect();
+    for (what, args) in &runs {
+        if matches!(*what, "rebase" | "commit") {
+            mk_top();
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = imgloop(&argv).ok();
+        let out = r
+            .stdout
+            .replace("Images are identical.\n", "")
+            .replace("Image committed.\n", "");
+        assert_qemu_progress(what, &out);
+        // -q silences it (dd has no -q).
+        if *what != "dd" && *what != "commit" && *what != "rebase" {
+            let mut quiet = argv.clone();
+            quiet.insert(1, "-q");
+            assert_eq!(imgloop(&quiet).ok().stdout, "", "{what} -q");
+        }
+    }
+    // qemu-img's own output passes the same check (the checker is right).
+    let q = qemu_img(&["convert", "-p", "-O", "raw", s(&img), s(&raw)]).ok();
+    assert_qemu_progress("qemu-img convert", &q.stdout);
+}
+
+#[test]
+fn convert_bitmaps_copies_every_bit_of_every_persistent_bitmap() {
+    let sc = Scratch::new();
+    let src = sc.path("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&src), "16M"]).ok();
+    qemu_img(&["bitmap", "--add", s(&src), "live"]).ok();
+    qemu_io("qcow2", &src, &["write 1M 64k", "write 5M 200k"]).ok();
+    qemu_img(&["bitmap", "--add", "-g", "1M", s(&src), "frozen"]).ok();
+    qemu_io("qcow2", &src, &["write 9M 4k"]).ok();
+    qemu_img(&["bitmap", "--disable", s(&src), "frozen"]).ok();
+    qemu_io("qcow2", &src, &["write 12M 4k"]).ok();
+    let (q, i) = (sc.path("q.qcow2"), sc.path("i.qcow2"));
+    qemu_img(&["convert", "--bitmaps", "-O", "qcow2", s(&src), s(&q)]).ok();
+    imgloop(&["convert", "--bitmaps", "-O", "qcow2", s(&src), s(&i)]).ok();
+    for name in ["live", "frozen"] {
+        let want = common::nbd::qemu_bitmap_ranges(&sc, &src, name);
+        assert_eq!(
+            common::nbd::qemu_bitmap_ranges(&sc, &q, name),
+            want,
+            "{name}: qemu-img's copy"
+        );
+        assert_eq!(
+            common::nbd::qemu_bitmap_ranges(&sc, &i, name),
+            want,
+            "{name}: imgloop's copy"
+        );
+    }
+    assert_eq!(
+        common::nbd::qemu_bitmap_ranges(&sc, &src, "frozen"),
+        [(9 << 20, 1 << 20)],
+        "the source as built"
+    );
+    assert_eq!(common::nbd::qemu_bitmap_ranges(&sc, &src, "live").len(), 4);
+    let info = qemu_img(&["info", "--output=json", s(&i)]).ok().json();
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"],
+        serde_json::json!([
+            {"flags": ["auto"], "name": "live", "granularity": 65536},
+            {"flags": [], "name": "frozen", "granularity": 1048576},
+        ])
+    );
+    qemu_img(&["check", s(&i)]).ok();
+    // Without --bitmaps nothing is copied, as in qemu-img.
+    let plain = sc.path("plain.qcow2");
+    imgloop(&["convert", "-O", "qcow2", s(&src), s(&plain)]).ok();
+    let info = qemu_img(&["info", "--output=json", s(&plain)]).ok().json();
+    assert!(
+        info["format-specific"]["data"].get("bitmaps").is_none(),
+        "{info}"
+    );
+}

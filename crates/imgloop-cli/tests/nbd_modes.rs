@@ -8,7 +8,7 @@ use common::nbd::*;
 use common::*;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn qcow2(sc: &Scratch, name: &str) -> std::path::PathBuf {
@@ -485,4 +485,58 @@ fn extended_headers_carry_64_bit_lengths_and_the_block_status_filter() {
     drop(c);
     assert!(srv.stop().success());
     qemu_io("qcow2", &img, &["read -P 9 4096 512"]).ok();
+}
+
+#[test]
+fn clients_past_the_shared_limit_wait_their_turn_instead_of_being_refused() {
+    let sc = Scratch::new();
+    let img = qcow2(&sc, "w.qcow2");
+    let srv = Server::start(&sc, &["-t", s(&img)]);
+    let uri = srv.uri("");
+    // Clients one after the other, each connecting as soon as the one
+    // before has gone (while the server may still be closing it).
+    for i in 0..20 {
+        let r = qemu_img(&["info", "--output=json", &uri]);
+        assert_eq!(r.code, 0, "client {i}: {}", r.stderr);
+    }
+    // A client holding the only slot makes the next one wait, not fail.
+    let release = sc.path("release");
+    let script = format!(
+        "import os, time\nh.connect_uri({uri:?})\nprint('connected', flush=True)\n\
+         while not os.path.exists({rel:?}):\n    time.sleep(0.02)\nh.shutdown()\n",
+        rel = s(&release)
+    );
+    let mut holder = Command::new("nbdsh")
+        .args(["-c", &script])
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "connected\n");
+    let mut waiting = Command::new("qemu-img")
+        .args(["info", "--output=json", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the second client was answered while the first held the only slot"
+    );
+    std::fs::write(&release, b"").unwrap();
+    assert!(holder.wait().unwrap().success());
+    let out = waiting.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("virtual-size"));
+    srv.stop();
 }

@@ -211,3 +211,128 @@ fn commit_writes_the_overlay_into_its_base_as_qemu_img_does() {
         r.stderr
     );
 }
+
+#[test]
+fn commit_into_a_deeper_base_writes_every_layer_above_it_as_qemu_img_does() {
+    let sc = Scratch::new();
+    // base <- mid <- top, each holding data of its own, made twice.
+    let mk = |tag: &str| {
+        let p = |n: &str| sc.path(&format!("{tag}-{n}.qcow2"));
+        let (base, mid, top) = (p("base"), p("mid"), p("top"));
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]).ok();
+        qemu_io("qcow2", &base, &["write -P 1 0 1M", "write -P 4 3M 1M"]).ok();
+        for (over, under) in [(&mid, &base), (&top, &mid)] {
+            let under = under.file_name().unwrap().to_str().unwrap();
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                under,
+                "-F",
+                "qcow2",
+                s(over),
+            ])
+            .ok();
+        }
+        qemu_io("qcow2", &mid, &["write -P 2 512k 1M", "write -z 3M 64k"]).ok();
+        qemu_io("qcow2", &top, &["write -P 3 1M 1M", "write -z 3584k 4k"]).ok();
+        (base, mid, top)
+    };
+    let (qb, qm, qt) = mk("q");
+    let (ib, im, it) = mk("i");
+    let view = content(&sc, &it);
+    qemu_img(&["commit", "-b", s(&qb), s(&qt)]).ok();
+    let r = imgloop(&["commit", "-b", s(&ib), s(&it)]).ok();
+    assert_eq!(r.stdout, "Image committed.\n");
+    assert!(content(&sc, &ib) == view, "the base holds the whole view");
+    assert!(content(&sc, &it) == view, "the top still reads the same");
+    // The middle layer is not written (it reads the changed base where it
+    // holds nothing: qemu calls it invalidated), as with qemu-img.
+    assert!(content(&sc, &im) == content(&sc, &qm));
+    assert_eq!(
+        layout(&it),
+        layout(&qt),
+        "-b implies -d: the top keeps its data"
+    );
+    assert_eq!(layout(&im), layout(&qm));
+    assert_eq!(content(&sc, &ib), content(&sc, &qb));
+    for f in [&ib, &im, &it] {
+        assert_eq!(qemu_img(&["check", s(f)]).code, 0);
+    }
+    // A base that is not in the chain is refused by both.
+    let other = sc.path("other.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&other), "4M"]).ok();
+    let q = qemu_img(&["commit", "-b", s(&other), s(&qt)]);
+    let r = imgloop(&["commit", "-b", s(&other), s(&it)]);
+    assert_eq!((r.code, q.code), (1, 1));
+    assert!(r.stderr.contains("Did not find"), "{}", r.stderr);
+    // Naming the direct backing file also keeps the top's data.
+    let (jb, jm, _) = mk("j");
+    let before = layout(&jm);
+    imgloop(&["commit", "-q", "-b", s(&jb), s(&jm)]).ok();
+    assert_eq!(layout(&jm), before);
+}
+
+#[test]
+fn rebase_c_compresses_what_it_copies_as_qemu_img_does() {
+    let sc = Scratch::new();
+    let base = sc.path("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]).ok();
+    qemu_io("qcow2", &base, &["write -P 1 0 3M", "write -P 9 7M 64k"]).ok();
+    let mk = |tag: &str| {
+        let top = sc.path(&format!("{tag}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ])
+        .ok();
+        qemu_io("qcow2", &top, &["write -P 2 1M 100k"]).ok();
+        top
+    };
+    let (q, i) = (mk("q"), mk("i"));
+    let want = content(&sc, &i);
+    qemu_img(&["rebase", "-c", "-b", "", s(&q)]).ok();
+    imgloop(&["rebase", "-c", "-b", "", s(&i)]).ok();
+    assert!(content(&sc, &i) == want, "the image reads as before");
+    let map = |p: &Path| qemu_img(&["map", "--output=json", s(p)]).ok().json();
+    assert_eq!(
+        map(&i),
+        map(&q),
+        "the same clusters compressed as qemu-img's"
+    );
+    assert!(
+        map(&i)
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["compressed"] == true),
+        "{}",
+        map(&i)
+    );
+    assert_eq!(qemu_img(&["check", s(&i)]).code, 0);
+    assert_eq!(
+        std::fs::metadata(&i).unwrap().len(),
+        std::fs::metadata(&q).unwrap().len()
+    );
+    // A format without compression is refused, in either mode.
+    let vhdx = sc.path("v.vhdx");
+    qemu_img(&["create", "-q", "-f", "vhdx", s(&vhdx), "8M"]).ok();
+    for args in [
+        vec!["rebase", "-c", "-u", "-b", "", s(&vhdx)],
+        vec!["rebase", "-c", "-b", "", s(&vhdx)],
+    ] {
+        let (qr, ir) = (qemu_img(&args), imgloop(&args));
+        assert_eq!((ir.code, qr.code), (1, 1), "{args:?}");
+        let msg = "Compression not supported for this file format";
+        assert!(ir.stderr.contains(msg), "{}", ir.stderr);
+    }
+}
