@@ -2,7 +2,8 @@
 //! and verifying at queue depth 16 over several connections, and nbdsh
 //! (libnbd's Python shell) driving the odd corners of the protocol
 //! directly: FAST_ZERO, CACHE, REQ_ONE block status, DF reads, the
-//! errors for out-of-range and read-only requests.
+//! errors for out-of-range and read-only requests; nbdcopy filling and
+//! reading back every format; the kernel client where the kernel has nbd.
 
 mod common;
 use common::nbd::*;
@@ -143,4 +144,212 @@ print("ok")
     );
     assert!(out.contains("ok"), "{out}");
     drop(srv);
+}
+
+/// A 24 MiB raw source with data, zero runs and holes at varied offsets.
+fn mixed_source(sc: &Scratch) -> std::path::PathBuf {
+    use std::os::unix::fs::FileExt;
+    let src = sc.path("mixed.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(24 << 20).unwrap();
+    for (i, (off, len)) in [
+        (0u64, 4096usize),
+        (65536, 200_000),
+        (3 << 20, 1 << 20),
+        (9 << 20, 512),
+        (13 << 20, 3 << 20),
+        ((24 << 20) - 8192, 8192),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data: Vec<u8> = (0..len)
+            .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8 * 7 + 1))
+            .collect();
+        f.write_all_at(&data, off).unwrap();
+    }
+    src
+}
+
+#[test]
+fn every_format_round_trips_through_nbdcopy_and_stays_clean() {
+    let sc = Scratch::new();
+    let src = mixed_source(&sc);
+    let want = std::fs::read(&src).unwrap();
+    for (fmt, opts) in [
+        ("raw", ""),
+        ("qcow2", ""),
+        ("qcow2", "extended_l2=on,cluster_size=128k"),
+        ("qcow2", "compat=0.10"),
+        ("vhdx", ""),
+        ("vhdx", "block_size=1M,subformat=fixed"),
+        ("parallels", ""),
+        ("qcow", ""),
+        ("cow", ""),
+    ] {
+        let what = format!("{fmt} {opts}");
+        let img = sc.path(&format!("rt-{fmt}-{}.img", opts.len()));
+        let mut create = vec!["create", "-q", "-f", fmt];
+        if !opts.is_empty() {
+            create.extend(["-o", opts]);
+        }
+        // A UML COW file always sits over a backing file: an empty one here.
+        let base = sc.path("rt-cow-base.raw");
+        if fmt == "cow" {
+            std::fs::File::create(&base)
+                .unwrap()
+                .set_len(24 << 20)
+                .unwrap();
+            create.extend(["-b", s(&base), "-F", "raw"]);
+        }
+        create.extend([s(&img), "24M"]);
+        imgloop(&create).ok();
+        // In with several connections, then out again.
+        let srv = Server::start(&sc, &["-t", "-e", "4", "-f", fmt, s(&img)]);
+        let r = tool(
+            "nbdcopy",
+            &["--connections=4", "--requests=8", s(&src), &srv.uri("")],
+        );
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        let out = sc.path("rt-out.raw");
+        let _ = std::fs::remove_file(&out);
+        let r = tool("nbdcopy", &["--connections=2", &srv.uri(""), s(&out)]);
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        assert!(srv.stop().success(), "{what}: the server exits cleanly");
+        assert!(std::fs::read(&out).unwrap() == want, "{what}: read back");
+        if fmt == "cow" {
+            // qemu has no UML COW driver: uml-utilities' uml_moo merges the
+            // file with its backing file, as UML would read it.
+            let merged = sc.path("rt-merged.raw");
+            let _ = std::fs::remove_file(&merged);
+            let r = run_program("uml_moo", &[s(&img), s(&merged)]);
+            assert_eq!(r.code, 0, "{what}: uml_moo: {}{}", r.stdout, r.stderr);
+            assert!(std::fs::read(&merged).unwrap() == want, "{what}");
+        } else {
+            let check = qemu_img(&["check", "-f", fmt, s(&img)]);
+            assert!(
+                // 63: qemu has no check for raw and qcow.
+                check.code == 0 || (matches!(fmt, "raw" | "qcow") && check.code == 63),
+                "{what}: qemu-img check: {}{}",
+                check.stdout,
+                check.stderr
+            );
+            let cmp = qemu_img(&["compare", "-f", fmt, "-F", "raw", s(&img), s(&src)]);
+            assert_eq!(cmp.code, 0, "{what}: {}{}", cmp.stdout, cmp.stderr);
+        }
+    }
+}
+
+/// Whether this kernel can give an NBD export a block device, and if not,
+/// why.
+fn kernel_nbd() -> Result<(), String> {
+    if !std::path::Path::new("/sys/module/nbd").exists() {
+        let loaded = ["/usr/sbin/modprobe", "/sbin/modprobe"]
+            .iter()
+            .filter(|p| std::path::Path::new(p).exists())
+            .any(|p| {
+                Command::new(p)
+                    .arg("nbd")
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+        if !loaded {
+            return Err(
+                "this kernel has no nbd module (no /sys/module/nbd, modprobe nbd failed)".into(),
+            );
+        }
+    }
+    if !std::path::Path::new("/dev/nbd0").exists() {
+        return Err("no /dev/nbd0".into());
+    }
+    if Command::new("nbd-client").arg("-V").output().is_err() {
+        return Err("nbd-client is not installed".into());
+    }
+    Ok(())
+}
+
+#[test]
+fn the_kernel_client_reads_and_writes_an_export_where_the_kernel_has_nbd() {
+    if let Err(why) = kernel_nbd() {
+        eprintln!("skipped: the kernel NBD client is not tested here: {why}");
+        return;
+    }
+    let sc = Scratch::new();
+    let img = sc.path("k.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "32M"]).ok();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let pid_file = sc.path("k.pid");
+    let mut server = Command::new(imgloop_bin())
+        .args([
+            "serve",
+            "-t",
+            "-e",
+            "4",
+            "-x",
+            "disk",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--pid-file",
+            s(&pid_file),
+            s(&img),
+        ])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !pid_file.exists() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let dev = "/dev/nbd0";
+    let r = run_program(
+        "nbd-client",
+        &["-N", "disk", "127.0.0.1", &port, dev, "-b", "4096"],
+    );
+    assert_eq!(r.code, 0, "nbd-client: {}{}", r.stdout, r.stderr);
+    let src = mixed_source(&sc);
+    let r = run_program(
+        "dd",
+        &[
+            &format!("if={}", s(&src)),
+            &format!("of={dev}"),
+            "bs=1M",
+            "count=24",
+            "oflag=direct",
+            "conv=fsync",
+        ],
+    );
+    assert_eq!(r.code, 0, "dd to {dev}: {}", r.stderr);
+    let back = sc.path("k-back.raw");
+    let r = run_program(
+        "dd",
+        &[
+            &format!("if={dev}"),
+            &format!("of={}", s(&back)),
+            "bs=1M",
+            "count=24",
+            "iflag=direct",
+        ],
+    );
+    assert_eq!(r.code, 0, "dd from {dev}: {}", r.stderr);
+    let disconnected = run_program("nbd-client", &["-d", dev]);
+    let _ = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+    assert_eq!(
+        disconnected.code, 0,
+        "nbd-client -d: {}",
+        disconnected.stderr
+    );
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&src).unwrap());
+    let cmp = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&src)]);
+    assert_eq!(cmp.code, 0, "{}", cmp.stdout);
+    qemu_img(&["check", s(&img)]).ok();
 }
