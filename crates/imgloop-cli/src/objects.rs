@@ -71,13 +71,16 @@ fn split_options(text: &str) -> Result<Vec<(String, String)>> {
 /// An object's `key=value` fields, in order.
 type Fields = Vec<(String, String)>;
 
-/// TLS credentials an `--object tls-creds-x509,...` defines.
+/// TLS credentials an `--object tls-creds-x509,...` or `--object
+/// tls-creds-psk,...` defines.
 pub struct TlsObject {
-    /// `dir`: where the PEM files are.
+    /// `dir`: where the PEM files, or `keys.psk`, are.
     pub dir: std::path::PathBuf,
-    /// `verify-peer` (default on, as in qemu): clients must present a
-    /// certificate signed by the directory's CA.
+    /// `verify-peer` (x509; default on, as in qemu): clients must present
+    /// a certificate signed by the directory's CA.
     pub verify_peer: bool,
+    /// Pre-shared keys (`tls-creds-psk`) rather than certificates.
+    pub psk: bool,
 }
 
 impl ObjectArgs {
@@ -97,9 +100,8 @@ impl ObjectArgs {
         Ok(out)
     }
 
-    /// The `tls-creds-x509` object with this `id`, if any. A
-    /// `tls-creds-psk` one is refused (rustls, the TLS library, has no
-    /// external pre-shared keys).
+    /// The `tls-creds-x509` or `tls-creds-psk` object with this `id`, if
+    /// any.
     pub fn tls_creds(&self, want: &str) -> Result<Option<TlsObject>> {
         for (kind, fields) in self.typed_objects()? {
             if !matches!(kind.as_str(), "tls-creds-x509" | "tls-creds-psk") {
@@ -109,19 +111,17 @@ impl ObjectArgs {
             if get("id").as_deref() != Some(want) {
                 continue;
             }
-            if kind == "tls-creds-psk" {
-                return Err(Error::unsupported(
-                    "TLS with pre-shared keys (tls-creds-psk) is not supported: rustls has no \
-                     external PSK support; use tls-creds-x509",
-                ));
-            }
+            let psk = kind == "tls-creds-psk";
             for (k, _) in &fields {
-                if !matches!(
-                    k.as_str(),
-                    "id" | "dir" | "endpoint" | "verify-peer" | "priority" | "sanity-check"
-                ) {
+                let known = match k.as_str() {
+                    "id" | "dir" | "endpoint" | "priority" => true,
+                    "verify-peer" | "sanity-check" => !psk,
+                    "username" => psk,
+                    _ => false,
+                };
+                if !known {
                     return Err(Error::invalid_argument(format!(
-                        "Property 'tls-creds-x509.{k}' not found"
+                        "Property '{kind}.{k}' not found"
                     )));
                 }
             }
@@ -131,7 +131,7 @@ impl ObjectArgs {
                 )));
             }
             let dir = get("dir").ok_or_else(|| {
-                Error::invalid_argument(format!("tls-creds-x509 '{want}': 'dir' is missing"))
+                Error::invalid_argument(format!("{kind} '{want}': 'dir' is missing"))
             })?;
             let verify_peer = match get("verify-peer").as_deref() {
                 None | Some("on" | "yes" | "true") => true,
@@ -145,6 +145,7 @@ impl ObjectArgs {
             return Ok(Some(TlsObject {
                 dir: dir.into(),
                 verify_peer,
+                psk,
             }));
         }
         Ok(None)

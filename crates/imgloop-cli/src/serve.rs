@@ -57,14 +57,20 @@ pub struct Args {
     /// meta context `qemu:dirty-bitmap:NAME` (repeatable).
     #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
     bitmaps: Vec<String>,
-    /// Require TLS: the ID of an `--object tls-creds-x509,id=ID,dir=DIR`,
-    /// or a directory in that layout (ca-cert.pem, server-cert.pem,
+    /// Require TLS: the ID of an `--object tls-creds-x509,id=ID,dir=DIR`
+    /// or `--object tls-creds-psk,id=ID,dir=DIR` (DIR/keys.psk), or a
+    /// directory in the x509 layout (ca-cert.pem, server-cert.pem,
     /// server-key.pem).
     #[arg(long = "tls-creds", value_name = "ID|DIR")]
     tls_creds: Option<String>,
-    /// Let in only clients whose certificate subject is the identity of
-    /// `--object authz-simple,id=ID,identity=DN` (DN as qemu writes it,
-    /// e.g. `C=GB,,O=Example,,CN=client1` with commas doubled).
+    /// Require TLS with pre-shared keys from FILE (`username:hexkey`
+    /// lines, as psktool writes keys.psk).
+    #[arg(long = "tls-psk", value_name = "FILE", conflicts_with = "tls_creds")]
+    tls_psk: Option<PathBuf>,
+    /// Let in only clients whose certificate subject (or, with pre-shared
+    /// keys, username) is the identity of `--object
+    /// authz-simple,id=ID,identity=DN` (DN as qemu writes it, e.g.
+    /// `C=GB,,O=Example,,CN=client1` with commas doubled).
     #[arg(long = "tls-authz", value_name = "ID")]
     tls_authz: Option<String>,
     /// With --tls-creds DIR: require client certificates signed by
@@ -282,27 +288,36 @@ fn serve(a: &Args) -> Result<()> {
     };
     // Before any thread starts, so every thread has them blocked.
     let signals = StopSignals::block()?;
-    let tls = match &a.tls_creds {
-        None => None,
-        Some(id) => {
-            let (dir, verify) = match a.objects.tls_creds(id)? {
-                Some(o) => (o.dir, o.verify_peer),
-                None => (PathBuf::from(id), a.tls_verify_peer),
+    let loaded = |what: &std::path::Path, r: std::io::Result<TlsCreds>| {
+        r.map_err(|e| Error::io("loading the TLS credentials", e).in_file(what))
+    };
+    let tls = match (&a.tls_creds, &a.tls_psk) {
+        (None, None) => None,
+        (_, Some(file)) => Some(loaded(file, TlsCreds::psk(file))?),
+        (Some(id), None) => {
+            let (dir, verify, psk) = match a.objects.tls_creds(id)? {
+                Some(o) => (o.dir, o.verify_peer, o.psk),
+                None => (PathBuf::from(id), a.tls_verify_peer, false),
             };
             if !dir.is_dir() {
                 return Err(Error::invalid_argument(format!(
-                    "No TLS credentials with id '{id}' (an --object tls-creds-x509 or a directory)"
+                    "No TLS credentials with id '{id}' (an --object tls-creds-x509 or \
+                     tls-creds-psk, or a directory)"
                 )));
             }
-            let creds = TlsCreds::x509(&dir, verify)
-                .map_err(|e| Error::io("loading the TLS credentials", e).in_file(&dir))?;
-            Some(match &a.tls_authz {
-                Some(id) => creds.with_authz(a.objects.authz_identity(id)?),
-                None => creds,
+            Some(if psk {
+                let file = dir.join("keys.psk");
+                loaded(&file, TlsCreds::psk(&file))?
+            } else {
+                loaded(&dir, TlsCreds::x509(&dir, verify))?
             })
         }
     };
-    if a.tls_authz.is_some() && a.tls_creds.is_none() {
+    let tls = match (tls, &a.tls_authz) {
+        (Some(creds), Some(id)) => Some(creds.with_authz(a.objects.authz_identity(id)?)),
+        (tls, _) => tls,
+    };
+    if a.tls_authz.is_some() && tls.is_none() {
         return Err(Error::invalid_argument(
             "--tls-authz is not permitted without --tls-creds",
         ));

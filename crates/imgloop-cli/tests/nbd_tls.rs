@@ -308,7 +308,7 @@ fn bad_or_unsupported_credentials_are_errors_at_start() {
         s(&img),
     ]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("pre-shared keys"), "{}", r.stderr);
+    assert!(r.stderr.contains("keys.psk"), "{}", r.stderr);
     let r = imgloop(&[
         "serve",
         "--socket",
@@ -392,4 +392,202 @@ fn tls_authz_lets_in_the_same_certificate_subjects_as_qemu_nbd() {
         );
         assert_eq!(codes[0] == 0, allowed, "{identity}");
     }
+}
+
+/// A `keys.psk` in a directory of its own: `username:hexkey` lines.
+fn psk_dir(sc: &Scratch, name: &str, users: &[&str]) -> PathBuf {
+    let dir = sc.path(name);
+    std::fs::create_dir(&dir).unwrap();
+    let mut text = String::new();
+    for u in users {
+        let mut raw = [0u8; 32];
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut raw)
+            .unwrap();
+        let key: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        text.push_str(&format!("{u}:{key}\n"));
+    }
+    std::fs::write(dir.join("keys.psk"), text).unwrap();
+    dir
+}
+
+fn psk_client(dir: &Path, user: &str) -> String {
+    format!(
+        "tls-creds-psk,id=tls0,endpoint=client,dir={},username={user}",
+        s(dir)
+    )
+}
+
+/// qemu-img/qemu-io image options for a PSK export on `sock`.
+fn psk_opts(sock: &Path) -> String {
+    format!(
+        "driver=nbd,server.type=unix,server.path={},tls-creds=tls0",
+        s(sock)
+    )
+}
+
+/// An nbdsh script connecting with a pre-shared key; prints the export
+/// size and whether TLS was negotiated.
+fn nbdsh_psk(sock: &Path, keys: &Path, user: &str) -> Run {
+    let script = format!(
+        "h.set_tls(nbd.TLS_REQUIRE)\nh.set_tls_psk_file({keys:?})\n\
+         h.set_tls_username({user:?})\nh.connect_unix({sock:?})\n\
+         print(h.get_size(), h.get_tls_negotiated())\n\
+         buf = h.pread(65536, 1 << 20)\nassert buf == bytes([5]) * 65536\n",
+        keys = s(keys),
+        sock = s(sock)
+    );
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn pre_shared_keys_work_with_qemu_and_libnbd_and_wrong_keys_are_refused() {
+    let sc = Scratch::new();
+    let img = image(&sc, "p.qcow2");
+    let keys = psk_dir(&sc, "psk", &["qemu", "alice"]);
+    let obj = format!("tls-creds-psk,id=t0,endpoint=server,dir={}", s(&keys));
+    let srv = Server::start(
+        &sc,
+        &[
+            "-t",
+            "-e",
+            "4",
+            "--object",
+            &obj,
+            "--tls-creds",
+            "t0",
+            s(&img),
+        ],
+    );
+    let opts = psk_opts(&srv.socket);
+    for user in ["qemu", "alice"] {
+        let client = psk_client(&keys, user);
+        let info = qemu_img(&[
+            "info",
+            "--output=json",
+            "--object",
+            &client,
+            "--image-opts",
+            &opts,
+        ])
+        .ok()
+        .json();
+        assert_eq!(info["virtual-size"], 8 << 20, "{user}");
+    }
+    let client = psk_client(&keys, "qemu");
+    tool(
+        "qemu-io",
+        &[
+            "--object",
+            &client,
+            "--image-opts",
+            &opts,
+            "-c",
+            "write -P 8 3M 128k",
+            "-c",
+            "read -P 5 1M 64k",
+            "-c",
+            "read -P 8 3M 128k",
+        ],
+    );
+    let r = nbdsh_psk(&srv.socket, &keys.join("keys.psk"), "alice");
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout.trim(), format!("{} True", 8 << 20));
+    // A client with another key for the same name, or a name the server
+    // does not know, or no TLS at all, gets nothing.
+    let other = psk_dir(&sc, "other", &["qemu", "mallory"]);
+    for user in ["qemu", "mallory"] {
+        let r = qemu_img(&[
+            "info",
+            "--object",
+            &psk_client(&other, user),
+            "--image-opts",
+            &opts,
+        ]);
+        assert_eq!(r.code, 1, "{user}: {}", r.stdout);
+        let r = nbdsh_psk(&srv.socket, &other.join("keys.psk"), user);
+        assert_ne!(r.code, 0, "{user}: {}", r.stdout);
+    }
+    let r = qemu_img(&["info", &srv.uri("")]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("TLS"), "{}", r.stderr);
+    // Still serving the right clients after all that.
+    let info = qemu_img(&[
+        "info",
+        "--output=json",
+        "--object",
+        &client,
+        "--image-opts",
+        &opts,
+    ])
+    .ok()
+    .json();
+    assert_eq!(info["virtual-size"], 8 << 20);
+    assert!(srv.stop().success());
+    qemu_io("qcow2", &img, &["read -P 8 3M 128k"]).ok();
+    assert_eq!(qemu_img(&["check", s(&img)]).code, 0);
+    // --tls-psk FILE says the same without an --object.
+    let srv = Server::start(
+        &sc,
+        &["-t", "--tls-psk", s(&keys.join("keys.psk")), s(&img)],
+    );
+    let r = nbdsh_psk(&srv.socket, &keys.join("keys.psk"), "qemu");
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(srv.stop().success());
+}
+
+#[test]
+fn tls_authz_with_pre_shared_keys_admits_only_the_named_user() {
+    // qemu-nbd applies --tls-authz to certificate subjects only and lets
+    // every PSK user in; imgloop checks the username (docs/QEMU-IMG.md).
+    let sc = Scratch::new();
+    let img = image(&sc, "a.qcow2");
+    let keys = psk_dir(&sc, "psk", &["alice", "bob"]);
+    let server_obj = format!("tls-creds-psk,id=tls0,endpoint=server,dir={}", s(&keys));
+    let srv = Server::start(
+        &sc,
+        &[
+            "-t",
+            "-e",
+            "2",
+            "--object",
+            &server_obj,
+            "--object",
+            "authz-simple,id=auth0,identity=alice",
+            "--tls-creds",
+            "tls0",
+            "--tls-authz",
+            "auth0",
+            s(&img),
+        ],
+    );
+    for user in ["alice", "bob", "alice"] {
+        let r = qemu_img(&[
+            "info",
+            "--object",
+            &psk_client(&keys, user),
+            "--image-opts",
+            &psk_opts(&srv.socket),
+        ]);
+        assert_eq!(
+            r.code == 0,
+            user == "alice",
+            "{user}: {}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+    assert!(srv.stop().success());
 }

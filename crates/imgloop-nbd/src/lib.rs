@@ -10,6 +10,7 @@
 
 mod handshake;
 pub mod proto;
+mod psk;
 mod tls;
 mod transmission;
 

@@ -1,5 +1,6 @@
-//! TLS for the NBD server (`NBD_OPT_STARTTLS`), with rustls: X.509
-//! credentials laid out as qemu's `tls-creds-x509` directory, and a TLS
+//! TLS for the NBD server (`NBD_OPT_STARTTLS`): X.509 credentials laid
+//! out as qemu's `tls-creds-x509` directory (rustls), or pre-shared keys
+//! as qemu's `tls-creds-psk` (OpenSSL, see [`crate::psk`]), and a TLS
 //! stream that one reader thread and many reply writers share.
 //!
 //! Sharing: the TLS state sits in one mutex, the socket's write side in
@@ -11,6 +12,7 @@
 //! `wire` sends it: a writer releases `wire` only while holding the state
 //! lock and after seeing nothing left to send.
 
+use crate::psk::{PskCreds, PskSession};
 use crate::Conn;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -27,10 +29,86 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Server TLS credentials.
 #[derive(Clone)]
 pub struct TlsCreds {
-    config: Arc<rustls::ServerConfig>,
-    /// Only a client certificate with this subject is let in (qemu's
-    /// `--tls-authz` with an `authz-simple` identity).
+    kind: CredsKind,
+    /// Only a client with this identity is let in (qemu's `--tls-authz`
+    /// with an `authz-simple` identity): the certificate's subject, or the
+    /// username of a pre-shared key.
     authz: Option<String>,
+}
+
+#[derive(Clone)]
+enum CredsKind {
+    X509(Arc<rustls::ServerConfig>),
+    Psk(PskCreds),
+}
+
+/// The TLS state of one session, whichever library keeps it.
+enum Engine {
+    Rustls(Box<ServerConnection>),
+    Psk(Box<PskSession>),
+}
+
+impl Engine {
+    fn wants_write(&self) -> bool {
+        match self {
+            Engine::Rustls(s) => s.wants_write(),
+            Engine::Psk(s) => s.wants_write(),
+        }
+    }
+
+    /// Moves the ciphertext waiting to be sent into `out`.
+    fn write_tls(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            Engine::Rustls(s) => {
+                while s.wants_write() {
+                    s.write_tls(out)?;
+                }
+            }
+            Engine::Psk(s) => s.write_tls(out),
+        }
+        Ok(())
+    }
+
+    fn write_plain(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Engine::Rustls(s) => s.writer().write_all(data),
+            Engine::Psk(s) => s.write_plain(data),
+        }
+    }
+
+    /// Takes ciphertext from the front of `input` (rustls: as much as
+    /// its buffers hold, so the caller drains plaintext between calls;
+    /// OpenSSL: all of it).
+    fn read_tls(&mut self, input: &mut &[u8]) -> io::Result<()> {
+        match self {
+            Engine::Rustls(s) => {
+                s.read_tls(input)?;
+                s.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                Ok(())
+            }
+            Engine::Psk(s) => {
+                s.read_tls(input);
+                *input = &[];
+                Ok(())
+            }
+        }
+    }
+
+    /// Plaintext: `Ok(0)` once the client closed, `WouldBlock` for none.
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Engine::Rustls(s) => s.reader().read(buf),
+            Engine::Psk(s) => s.read_plain(buf),
+        }
+    }
+
+    fn close_notify(&mut self) {
+        match self {
+            Engine::Rustls(s) => s.send_close_notify(),
+            Engine::Psk(s) => s.close_notify(),
+        }
+    }
 }
 
 impl std::fmt::Debug for TlsCreds {
@@ -97,14 +175,25 @@ impl TlsCreds {
         // NBD clients do not resume sessions.
         config.send_tls13_tickets = 0;
         Ok(TlsCreds {
-            config: Arc::new(config),
+            kind: CredsKind::X509(Arc::new(config)),
+            authz: None,
+        })
+    }
+
+    /// Pre-shared keys from `file`, a `keys.psk` as qemu's
+    /// `tls-creds-psk` reads it from its directory (`username:hexkey`
+    /// lines, as GnuTLS's psktool writes them).
+    pub fn psk(file: &Path) -> io::Result<TlsCreds> {
+        Ok(TlsCreds {
+            kind: CredsKind::Psk(PskCreds::from_file(file)?),
             authz: None,
         })
     }
 
     /// Lets in only clients whose certificate subject, written as GnuTLS
     /// and qemu write it (`C=GB,O=Example,CN=client1`: the names in
-    /// certificate order), is `identity`.
+    /// certificate order), is `identity`; with pre-shared keys, whose
+    /// username is `identity`.
     pub fn with_authz(mut self, identity: impl Into<String>) -> TlsCreds {
         self.authz = Some(identity.into());
         self
@@ -170,7 +259,7 @@ pub fn subject_dn(der: &[u8]) -> Option<String> {
 
 /// The TLS state and the socket's write side, shared by every handle.
 struct Shared {
-    state: Mutex<ServerConnection>,
+    state: Mutex<Engine>,
     wire: Mutex<Conn>,
 }
 
@@ -184,13 +273,11 @@ impl Shared {
     fn finish<'a>(
         &'a self,
         mut wire: MutexGuard<'a, Conn>,
-        mut state: MutexGuard<'a, ServerConnection>,
+        mut state: MutexGuard<'a, Engine>,
     ) -> io::Result<()> {
         let mut buf = Vec::new();
         loop {
-            while state.wants_write() {
-                state.write_tls(&mut buf)?;
-            }
+            state.write_tls(&mut buf)?;
             if buf.is_empty() {
                 drop(wire);
                 return Ok(());
@@ -207,7 +294,7 @@ impl Shared {
     fn send(&self, data: &[u8]) -> io::Result<()> {
         let wire = lock(&self.wire);
         let mut state = lock(&self.state);
-        state.writer().write_all(data)?;
+        state.write_plain(data)?;
         self.finish(wire, state)
     }
 }
@@ -229,28 +316,44 @@ pub struct TlsConn {
 impl TlsConn {
     /// Runs the server side of the TLS handshake on `raw`.
     pub(crate) fn accept(raw: Conn, creds: &TlsCreds) -> io::Result<TlsConn> {
-        let mut state = ServerConnection::new(creds.config.clone()).map_err(io::Error::other)?;
-        state.set_buffer_limit(None);
         let mut sock = raw.try_clone()?;
         sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        while state.is_handshaking() {
-            state.complete_io(&mut sock)?;
-        }
-        while state.wants_write() {
-            state.write_tls(&mut sock)?;
-        }
+        let (state, identity) = match &creds.kind {
+            CredsKind::X509(config) => {
+                let mut state = ServerConnection::new(config.clone()).map_err(io::Error::other)?;
+                state.set_buffer_limit(None);
+                while state.is_handshaking() {
+                    state.complete_io(&mut sock)?;
+                }
+                while state.wants_write() {
+                    state.write_tls(&mut sock)?;
+                }
+                let dn = state
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| subject_dn(c.as_ref()));
+                (Engine::Rustls(Box::new(state)), dn)
+            }
+            CredsKind::Psk(psk) => {
+                let session = PskSession::accept(&mut sock, psk)?;
+                let user = session.username().map(str::to_string);
+                (Engine::Psk(Box::new(session)), user)
+            }
+        };
         sock.set_read_timeout(None)?;
         if let Some(want) = &creds.authz {
-            let dn = state
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| subject_dn(c.as_ref()));
-            if dn.as_deref() != Some(want.as_str()) {
+            if identity.as_deref() != Some(want.as_str()) {
+                let kind = match creds.kind {
+                    CredsKind::X509(_) => "x509",
+                    CredsKind::Psk(_) => "psk",
+                };
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
                     format!(
-                        "TLS x509 authz check for {} is denied",
-                        dn.as_deref().unwrap_or("a client without a certificate")
+                        "TLS {kind} authz check for {} is denied",
+                        identity
+                            .as_deref()
+                            .unwrap_or("a client without an identity")
                     ),
                 ));
             }
@@ -289,15 +392,15 @@ impl TlsConn {
     pub(crate) fn close_notify(&self) -> io::Result<()> {
         let wire = lock(&self.shared.wire);
         let mut state = lock(&self.shared.state);
-        state.send_close_notify();
+        state.close_notify();
         self.shared.finish(wire, state)
     }
 
     /// Moves the plaintext the TLS state holds into `plain`.
-    fn drain(&mut self, state: &mut ServerConnection) -> io::Result<()> {
+    fn drain(&mut self, state: &mut Engine) -> io::Result<()> {
         let mut tmp = [0u8; 16 << 10];
         loop {
-            match state.reader().read(&mut tmp) {
+            match state.read_plain(&mut tmp) {
                 Ok(0) => {
                     self.closed = true;
                     return Ok(());
@@ -317,7 +420,7 @@ impl TlsConn {
 
     /// Sends TLS output the reader caused (alerts), unless a writer holds
     /// the socket (it sends it then).
-    fn send_own_output(&self, state: MutexGuard<'_, ServerConnection>) -> io::Result<()> {
+    fn send_own_output(&self, state: MutexGuard<'_, Engine>) -> io::Result<()> {
         if !state.wants_write() {
             return Ok(());
         }
@@ -359,10 +462,9 @@ impl Read for TlsConn {
             let mut state = lock(&shared.state);
             let mut input: &[u8] = &raw[..n];
             loop {
-                state.read_tls(&mut input)?;
-                if let Err(e) = state.process_new_packets() {
+                if let Err(e) = state.read_tls(&mut input) {
                     let _ = self.send_own_output(state);
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    return Err(e);
                 }
                 self.drain(&mut state)?;
                 if input.is_empty() {
