@@ -101,6 +101,8 @@ for fmt in raw qcow2; do
             if [ "$1" = randwrite ]; then
                 img=$WORK/w-$srv.$fmt
                 cp --sparse=always "$WORK/disk.$fmt" "$img"
+                # The copy's writeback must not land inside the next job.
+                sync
             fi
             start "$srv" "$fmt" "$img"
             msg "$fmt $1 via $srv"

@@ -1,23 +1,27 @@
-//! The transmission phase: a reader takes requests off the socket and
-//! hands them to worker threads (at most `workers` in flight, so memory
-//! is bounded), which run them against the image and write their replies
-//! under one lock, in whatever order they finish.
+//! The transmission phase: `workers` threads take turns reading one
+//! request each off the socket (the reading lock is held only while one
+//! request and its payload are read), run it against the image and write
+//! its reply under the writing lock, in whatever order they finish. No
+//! request changes hands between threads, and at most `workers` requests
+//! (with their payloads) are in memory at once.
 
 use crate::handshake::{Session, CONTEXT_ALLOCATION, CONTEXT_BITMAP0, CONTEXT_DEPTH};
 use crate::proto::{self, cflag, chunk, cmd, errno, Request};
 use crate::{Conn, DetectZeroes, Export, ServerConfig, MAX_REQUEST};
 use imgloop::{ErrorKind, WriteFlags, ZeroFlags};
 use std::io::{self, Read, Write};
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 
 /// Most block status descriptors one reply carries.
 const MAX_EXTENTS: usize = 2048;
 
-/// One request with its payload (writes).
-struct Work {
+/// One request with its payload (writes), and the worker's buffer for
+/// the reply (kept from one request to the next: a fresh large buffer
+/// costs a page fault per page).
+struct Work<'a> {
     req: Request,
-    payload: Vec<u8>,
+    payload: &'a [u8],
+    reply: &'a mut Vec<u8>,
 }
 
 /// The errno an imgloop error maps to.
@@ -31,85 +35,95 @@ fn errno_of(e: &imgloop::Error) -> u32 {
     }
 }
 
+/// How the request stream ended.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    /// NBD_CMD_DISC: finish what is in flight, then close cleanly.
+    Disconnect,
+    /// End of stream, a bad magic or a request that cannot be skipped.
+    Broken,
+}
+
+/// The socket's read side, taken in turns by the workers.
+struct Requests {
+    conn: io::BufReader<Conn>,
+    /// Set once the stream has ended; later takers stop.
+    end: Option<End>,
+    /// An I/O error that ended it.
+    error: Option<io::Error>,
+}
+
 /// Serves requests until the client disconnects.
 pub fn run(conn: Conn, config: Arc<ServerConfig>, session: Session) -> io::Result<()> {
-    let writer = Arc::new(Mutex::new(conn.try_clone()?));
-    let (tx, rx) = sync_channel::<Work>(config.workers.max(1));
-    let rx = Arc::new(Mutex::new(rx));
-    let session = Arc::new(session);
-    let mut workers: Vec<_> = (0..config.workers.max(1))
-        .map(|_| {
-            let (rx, writer, config, session) =
-                (rx.clone(), writer.clone(), config.clone(), session.clone());
-            std::thread::spawn(move || worker(&rx, &writer, &config, &session))
-        })
-        .collect();
-    let result = read_requests(conn, &config, &session, &writer, |w| {
-        tx.send(w).map_err(|_| io::Error::other("workers ended"))
+    let writer = Mutex::new(conn.try_clone()?);
+    // Cuts the client off without the writing lock (a worker may hold it,
+    // blocked on a client that does not read).
+    let closer = conn.try_clone()?;
+    // Clients queue requests back to back: one read takes many headers.
+    let requests = Mutex::new(Requests {
+        conn: io::BufReader::with_capacity(64 << 10, conn),
+        end: None,
+        error: None,
     });
-    drop(tx);
-    if matches!(result, Ok(true)) {
-        // Replies still being written go first; then a TLS session ends
-        // with close_notify, as DISC asks.
-        for w in std::mem::take(&mut workers) {
-            let _ = w.join();
+    std::thread::scope(|scope| {
+        for _ in 0..config.workers.max(1) {
+            scope.spawn(|| worker(&requests, &writer, &closer, &config, &session));
         }
+    });
+    let requests = requests.into_inner().unwrap_or_else(|e| e.into_inner());
+    if requests.end == Some(End::Disconnect) {
+        // Every reply is out; a TLS session ends with close_notify, as
+        // DISC asks.
         writer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .close_notify();
-    } else {
-        // Not a clean DISC: the client may not read what is still being
-        // answered; cut it off so no worker blocks on it.
-        writer.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
-    }
-    let result = result.map(|_| ());
-    for w in workers {
-        let _ = w.join();
     }
     // Whatever the client left behind is durable.
     let _ = config.exports[session.export].image.sync();
-    result
+    match requests.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
-fn read_requests(
-    conn: Conn,
-    config: &ServerConfig,
+/// Reads the next request and its payload (into `payload`). `Ok(None)`:
+/// the stream ended (recorded in `r`).
+fn next_request(
+    r: &mut Requests,
     session: &Session,
     writer: &Mutex<Conn>,
-    mut dispatch: impl FnMut(Work) -> io::Result<()>,
-) -> io::Result<bool> {
-    let _ = &config.exports[session.export];
-    // Clients queue requests back to back: one read takes many headers.
-    let mut conn = io::BufReader::with_capacity(64 << 10, conn);
+    payload: &mut Vec<u8>,
+) -> io::Result<Option<Request>> {
     loop {
-        let req = match Request::read(&mut conn, session.extended) {
-            Ok(Some(r)) => r,
+        let req = match Request::read(&mut r.conn, session.extended) {
+            Ok(Some(req)) => req,
             // A bad magic: the stream cannot be trusted any more.
-            Ok(None) => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+            Ok(None) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         };
         if req.kind == cmd::DISC {
-            return Ok(true);
+            r.end = Some(End::Disconnect);
+            return Ok(None);
         }
         // A payload follows a write, and with extended headers any
         // request flagged PAYLOAD_LEN (only block status has a payload
         // form; the others are refused after it is read).
         let has_payload =
             req.kind == cmd::WRITE || (session.extended && req.flags & cflag::PAYLOAD_LEN != 0);
-        let mut payload = Vec::new();
+        payload.clear();
         if has_payload {
             if req.len > MAX_REQUEST as u64 {
                 // Too large to buffer: refuse and end the connection, as
                 // the payload cannot be skipped safely.
                 reply_error(writer, session, req, errno::EOVERFLOW)?;
-                return Ok(false);
+                return Ok(None);
             }
-            payload = vec![0u8; req.len as usize];
-            match conn.read_exact(&mut payload) {
+            payload.resize(req.len as usize, 0);
+            match r.conn.read_exact(payload) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
                 Err(e) => return Err(e),
             }
         }
@@ -117,23 +131,62 @@ fn read_requests(
             reply_error(writer, session, req, errno::EOVERFLOW)?;
             continue;
         }
-        dispatch(Work { req, payload })?;
+        return Ok(Some(req));
     }
 }
 
-fn worker(rx: &Mutex<Receiver<Work>>, writer: &Mutex<Conn>, config: &ServerConfig, s: &Session) {
+fn worker(
+    requests: &Mutex<Requests>,
+    writer: &Mutex<Conn>,
+    closer: &Conn,
+    config: &ServerConfig,
+    s: &Session,
+) {
+    // This worker's payload and reply buffers, kept from one request to
+    // the next.
+    let mut payload = Vec::new();
+    let mut reply = Vec::new();
+    let export = &config.exports[s.export];
     loop {
-        let work = {
-            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-            match rx.recv() {
-                Ok(w) => w,
-                Err(_) => return,
+        let req = {
+            let mut r = requests.lock().unwrap_or_else(|e| e.into_inner());
+            if r.end.is_some() {
+                return;
+            }
+            match next_request(&mut r, s, writer, &mut payload) {
+                Ok(Some(req)) => req,
+                Ok(None) => {
+                    let end = *r.end.get_or_insert(End::Broken);
+                    if end == End::Broken {
+                        // The client may not read what is still being
+                        // answered: cut it off so no worker blocks on it.
+                        closer.shutdown();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    r.end = Some(End::Broken);
+                    r.error = Some(e);
+                    closer.shutdown();
+                    return;
+                }
             }
         };
-        let export = &config.exports[s.export];
+        let work = Work {
+            req,
+            payload: &payload,
+            reply: &mut reply,
+        };
         if handle(export, s, writer, work).is_err() {
-            // The client is gone; the reader notices too.
-            writer.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+            // The client is gone; the next reader notices too.
+            closer.shutdown();
+        }
+        // Buffers up to 2 MiB are kept; larger ones only while used.
+        if payload.capacity() > 2 << 20 {
+            payload = Vec::new();
+        }
+        if reply.capacity() > 2 << 20 {
+            reply = Vec::new();
         }
     }
 }
@@ -186,7 +239,7 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
     let flagged_payload = s.extended && req.flags & cflag::PAYLOAD_LEN != 0;
     let result: Result<(), u32> = match req.kind {
         cmd::BLOCK_STATUS if flagged_payload => {
-            return block_status(e, s, writer, req, Some(&work.payload))
+            return block_status(e, s, writer, req, Some(work.payload))
         }
         // No other command has a payload form.
         cmd::READ | cmd::TRIM | cmd::WRITE_ZEROES | cmd::CACHE | cmd::FLUSH if flagged_payload => {
@@ -197,11 +250,11 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
         {
             Err(errno::EINVAL)
         }
-        cmd::READ => return read(img, s, writer, req),
+        cmd::READ => return read(img, s, writer, req, work.reply),
         cmd::BLOCK_STATUS => return block_status(e, s, writer, req, None),
         cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES if e.read_only => Err(errno::EPERM),
         cmd::WRITE
-            if e.detect_zeroes != DetectZeroes::Off && imgloop::storage::is_zero(&work.payload) =>
+            if e.detect_zeroes != DetectZeroes::Off && imgloop::storage::is_zero(work.payload) =>
         {
             img.write_zeroes_with(
                 req.offset,
@@ -216,7 +269,7 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
         }
         cmd::WRITE => img
             .write_with(
-                &work.payload,
+                work.payload,
                 req.offset,
                 WriteFlags {
                     fua: req.flags & cflag::FUA != 0,
@@ -269,14 +322,28 @@ const SPARSE_READ_MIN: u64 = 64 << 10;
 /// chunks (not read at all) unless the client asked for one data chunk
 /// (`DF`) or the read is small. Each chunk is built in one buffer (the
 /// data read in place behind its header) and sent with one write.
-fn read(img: &imgloop::Image, s: &Session, writer: &Mutex<Conn>, req: Request) -> io::Result<()> {
+fn read(
+    img: &imgloop::Image,
+    s: &Session,
+    writer: &Mutex<Conn>,
+    req: Request,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     let (off, len) = (req.offset, req.len);
+    // `out` keeps its length (initialized bytes) from one request to the
+    // next; only what this reply needs beyond it is zero-filled.
+    let room = |out: &mut Vec<u8>, end: usize| {
+        if out.len() < end {
+            out.resize(end, 0);
+        }
+    };
     if !s.structured {
-        let mut buf = vec![0u8; 16 + len as usize];
-        return match img.read(&mut buf[16..], off) {
+        let end = 16 + len as usize;
+        room(out, end);
+        return match img.read(&mut out[16..end], off) {
             Ok(()) => {
-                buf[..16].copy_from_slice(&proto::simple_reply(req.cookie, 0));
-                send(writer, &[&buf])
+                out[..16].copy_from_slice(&proto::simple_reply(req.cookie, 0));
+                send(writer, &[&out[..end]])
             }
             Err(e) => reply_error(writer, s, req, errno_of(&e)),
         };
@@ -306,28 +373,41 @@ fn read(img: &imgloop::Image, s: &Session, writer: &Mutex<Conn>, req: Request) -
         }
         pos += n;
     }
-    let hdr = if s.extended { 32 } else { 20 };
+    // Every chunk goes into `out`, each data chunk read in place behind
+    // its header, and the lot is sent with one write.
     let last = pieces.len() - 1;
-    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(pieces.len());
+    let mut used = 0;
+    let put = |out: &mut Vec<u8>, used: &mut usize, bytes: &[u8]| {
+        room(out, *used + bytes.len());
+        out[*used..*used + bytes.len()].copy_from_slice(bytes);
+        *used += bytes.len();
+    };
     for (i, (p, n, zero)) in pieces.into_iter().enumerate() {
         let flags = if i == last { chunk::FLAG_DONE } else { 0 };
-        let mut b;
         if zero {
-            b = chunk(s, req, flags, chunk::OFFSET_HOLE, 12);
-            b.extend_from_slice(&p.to_be_bytes());
-            b.extend_from_slice(&(n as u32).to_be_bytes());
+            put(
+                out,
+                &mut used,
+                &chunk(s, req, flags, chunk::OFFSET_HOLE, 12),
+            );
+            put(out, &mut used, &p.to_be_bytes());
+            put(out, &mut used, &(n as u32).to_be_bytes());
         } else {
-            b = vec![0u8; hdr + 8 + n as usize];
-            if let Err(e) = img.read(&mut b[hdr + 8..], p) {
+            put(
+                out,
+                &mut used,
+                &chunk(s, req, flags, chunk::OFFSET_DATA, 8 + n),
+            );
+            put(out, &mut used, &p.to_be_bytes());
+            let (at, end) = (used, used + n as usize);
+            room(out, end);
+            if let Err(e) = img.read(&mut out[at..end], p) {
                 return reply_error(writer, s, req, errno_of(&e));
             }
-            b[..hdr].copy_from_slice(&chunk(s, req, flags, chunk::OFFSET_DATA, 8 + n));
-            b[hdr..hdr + 8].copy_from_slice(&p.to_be_bytes());
+            used = end;
         }
-        chunks.push(b);
     }
-    let parts: Vec<&[u8]> = chunks.iter().map(|c| c.as_slice()).collect();
-    send(writer, &parts)
+    send(writer, &[&out[..used]])
 }
 
 /// BLOCK_STATUS: one chunk per selected context (or per context the
