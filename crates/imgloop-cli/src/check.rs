@@ -202,7 +202,13 @@ pub fn run(a: Args) -> u8 {
         match a.output {
             Output::Json => print_json(&JsonCheck {
                 report: &r,
-                filename: img.name().to_string(),
+                // As qemu-img: the argument as given (with --image-opts,
+                // the option string).
+                filename: if a.objects.image_opts {
+                    a.file.display().to_string()
+                } else {
+                    img.name().to_string()
+                },
                 format: img.format(),
             }),
             Output::Human => print_human(&r),
