@@ -119,6 +119,23 @@ fn wait_gone(pid: u32) {
     }
 }
 
+/// Kills a server process (SIGKILL) when dropped; nothing if it is gone
+/// (or its pid now names another program).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("imgloop") {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// `imgloop serve --fork ARGS`, its standard error into a file (the
 /// background server keeps it, as qemu-nbd's does, so a pipe would stay
 /// open until the server ends).
@@ -165,6 +182,9 @@ fn fork_returns_once_the_server_listens_and_reports_errors_before() {
         .trim()
         .parse()
         .unwrap();
+    // The background server is not our child: if an assertion fails
+    // before it is stopped, it is killed on the way out.
+    let _guard = KillOnDrop(pid);
     let uri = format!("nbd+unix:///?socket={}", s(&sock));
     tool("qemu-io", &["-f", "raw", "-c", "write -P 4 0 64k", &uri]);
     let info = qemu_img(&["info", "--output=json", &uri]).ok().json();
