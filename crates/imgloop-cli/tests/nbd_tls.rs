@@ -551,7 +551,7 @@ fn pre_shared_keys_work_with_qemu_and_libnbd_and_wrong_keys_are_refused() {
 #[test]
 fn tls_authz_with_pre_shared_keys_admits_only_the_named_user() {
     // qemu-nbd applies --tls-authz to certificate subjects only and lets
-    // every PSK user in; imgloop checks the username (docs/QEMU-IMG.md).
+    // every PSK user in; imgloop checks the username (README, "NBD server").
     let sc = Scratch::new();
     let img = image(&sc, "a.qcow2");
     let keys = psk_dir(&sc, "psk", &["alice", "bob"]);
