@@ -362,9 +362,11 @@ pub trait Driver: Send + Sync {
         )))
     }
 
-    /// Called when the image switches between read-only and read-write
-    /// (after the storages were reopened), e.g. to set or clear a dirty
-    /// flag. The open state already says the new mode.
+    /// Called when the image switches between read-only and read-write.
+    /// Going read-only it comes first, while the image is still writable
+    /// and no request runs, to write what close would (a dirty flag,
+    /// recorded bitmaps). Going read-write it comes after the storages
+    /// were reopened, and the open state already says read-write.
     fn set_read_only(&self, _read_only: bool) -> Result<()> {
         Ok(())
     }

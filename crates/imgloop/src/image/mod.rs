@@ -445,9 +445,14 @@ impl Image {
         }
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         if read_only {
-            self.driver.flush().map_err(|e| self.err(e))?;
-            self.state.set(Mode::ReadOnly);
-            self.driver.set_read_only(true).map_err(|e| self.err(e))?;
+            {
+                // No request runs while the driver finishes its writes
+                // (recorded dirty bitmaps are stored) and the mode changes.
+                let _all = self.gate.write().unwrap_or_else(|e| e.into_inner());
+                self.driver.flush().map_err(|e| self.err(e))?;
+                self.driver.set_read_only(true).map_err(|e| self.err(e))?;
+                self.state.set(Mode::ReadOnly);
+            }
             self.reopen_storages(false)?;
             for l in locks.iter_mut() {
                 if l.mode() == LockMode::Exclusive {

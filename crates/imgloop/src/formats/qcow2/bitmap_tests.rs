@@ -196,3 +196,30 @@ fn a_power_cut_during_bitmap_operations_leaves_each_bitmap_before_or_after() {
         "{merged} {removed} {added}"
     );
 }
+
+#[test]
+fn switching_to_read_only_stores_the_recorded_bitmaps() {
+    let (mem, img) = mem_image(1 << 20, &[]);
+    add(&img, "live", 65536, true);
+    img.write(&[3u8; 512], 200_000).unwrap();
+    img.reopen(true).unwrap();
+    // Stored now: another open sees the bits and a consistent bitmap.
+    let other = Image::open_storage(Arc::new(mem.clone()), Some("qcow2"), true, None).unwrap();
+    assert_eq!(
+        ranges(&other.bitmap_read("live").unwrap()),
+        [(196_608, 65536)]
+    );
+    drop(other);
+    // Writable again: recording starts over and close stores it.
+    img.reopen(false).unwrap();
+    img.write(&[4u8; 512], 900_000).unwrap();
+    img.close().unwrap();
+    drop(img);
+    let img = reopen(&mem);
+    assert_eq!(
+        ranges(&img.bitmap_read("live").unwrap()),
+        [(196_608, 65536), (851_968, 65536)]
+    );
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}

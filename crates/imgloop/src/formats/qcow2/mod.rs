@@ -645,7 +645,11 @@ impl Driver for Qcow2 {
 
     fn set_read_only(&self, read_only: bool) -> Result<()> {
         if read_only {
-            return Ok(());
+            // What close would write: the recorded bitmaps, stored and no
+            // longer marked in use, and the metadata, durable.
+            self.store_recorded_bitmaps()?;
+            self.flush_meta()?;
+            return self.sync_file();
         }
         let corrupt = self.tables().header.incompatible_features & header::incompat::CORRUPT != 0;
         if corrupt {
