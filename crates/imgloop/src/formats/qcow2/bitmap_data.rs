@@ -14,16 +14,11 @@
 //! missing from a bitmap that claims to be valid.
 
 use super::bitmap::{Bitmap, FLAG_AUTO, FLAG_IN_USE};
-use super::open::read_u64_table;
+use super::bitmap_ops::TableEntry;
 use super::{Qcow2, Tables};
 use crate::dirty_bitmap::DirtyBitmap;
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
-
-/// Bits 9..55 of a bitmap table entry: the data cluster.
-const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bit 0 of an entry without a cluster: every bit of it is set.
-const ALL_ONES: u64 = 1;
 
 impl Qcow2 {
     /// Reads the bits of bitmap `b` from its data clusters.
@@ -49,38 +44,17 @@ impl Qcow2 {
         if need == 0 {
             return Ok(bits);
         }
-        let table = read_u64_table(
-            self.file(),
-            b.table_offset,
-            b.table_size as u64,
-            cs,
-            "bitmap table",
-        )?;
-        let file_len = self
-            .file()
-            .len()
-            .map_err(|e| Error::io("reading image size", e))?;
+        let table = self.bitmap_table(b)?;
         let mut bytes = vec![0u8; need as usize];
-        for (chunk, &e) in bytes.chunks_mut(cs as usize).zip(&table) {
-            let off = e & TABLE_OFFSET_MASK;
-            if e & !TABLE_OFFSET_MASK & !ALL_ONES != 0
-                || (off != 0 && (e & ALL_ONES != 0 || off >= file_len))
-            {
-                return Err(Error::corrupt(
-                    "bitmap table",
-                    b.table_offset,
-                    format!("bitmap '{}' has an invalid table entry {e:#x}", b.name),
-                ));
+        for (chunk, e) in bytes.chunks_mut(cs as usize).zip(table) {
+            match e {
+                TableEntry::Clean => {}
+                TableEntry::Dirty => chunk.fill(0xff),
+                TableEntry::Data(off) => self
+                    .file()
+                    .read_at(chunk, off)
+                    .map_err(|err| Error::io("reading bitmap data", err).at("bitmap data", off))?,
             }
-            if off == 0 {
-                if e & ALL_ONES != 0 {
-                    chunk.fill(0xff);
-                }
-                continue;
-            }
-            self.file()
-                .read_at(chunk, off)
-                .map_err(|err| Error::io("reading bitmap data", err).at("bitmap data", off))?;
         }
         bits = DirtyBitmap::from_bytes(size, granularity, bytes)?;
         Ok(bits)

@@ -18,6 +18,19 @@ use std::sync::atomic::Ordering;
 
 /// Bits 9..55 of a bitmap table entry: the data cluster.
 const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bit 0 of an entry without a cluster: every bit of it is set.
+const ALL_ONES: u64 = 1;
+
+/// One entry of a bitmap table, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TableEntry {
+    /// No cluster; every bit clear.
+    Clean,
+    /// No cluster; every bit set.
+    Dirty,
+    /// The bits are in this cluster.
+    Data(u64),
+}
 /// Longest bitmap name (QEMU's limit).
 const MAX_NAME: usize = 1023;
 
@@ -49,6 +62,21 @@ impl Qcow2 {
     /// The data clusters a bitmap table references, checked before any
     /// of them is freed: cluster-aligned, inside the file, referenced once.
     pub(super) fn bitmap_data(&self, b: &Bitmap) -> Result<Vec<u64>> {
+        Ok(self
+            .bitmap_table(b)?
+            .into_iter()
+            .filter_map(|e| match e {
+                TableEntry::Data(o) => Some(o),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The entries of bitmap `b`'s table, each checked (the one place
+    /// bitmap tables are validated): the table cluster-aligned; in each
+    /// entry the reserved bits clear, a data cluster aligned and inside
+    /// the file, and bit 0 (all ones) set only without one.
+    pub(super) fn bitmap_table(&self, b: &Bitmap) -> Result<Vec<TableEntry>> {
         if b.table_size == 0 {
             return Ok(Vec::new());
         }
@@ -64,29 +92,34 @@ impl Qcow2 {
             self.file(),
             b.table_offset,
             b.table_size as u64,
-            self.cluster_size,
+            cs,
             "bitmap table",
         )?;
         let file_len = self
             .file()
             .len()
             .map_err(|e| Error::io("reading image size", e))?;
-        let mut out = Vec::new();
-        for e in table {
-            let o = e & TABLE_OFFSET_MASK;
-            if o == 0 {
-                continue;
-            }
-            if !o.is_multiple_of(cs) || o >= file_len || e & !TABLE_OFFSET_MASK & !1 != 0 {
-                return Err(Error::corrupt(
-                    "bitmap table",
-                    b.table_offset,
-                    format!("bitmap '{}' has an invalid table entry {e:#x}", b.name),
-                ));
-            }
-            out.push(o);
-        }
-        Ok(out)
+        table
+            .into_iter()
+            .map(|e| {
+                let o = e & TABLE_OFFSET_MASK;
+                let reserved = e & !TABLE_OFFSET_MASK & !ALL_ONES != 0;
+                match (o, e & ALL_ONES != 0) {
+                    _ if reserved => None,
+                    (0, false) => Some(TableEntry::Clean),
+                    (0, true) => Some(TableEntry::Dirty),
+                    (o, false) if o.is_multiple_of(cs) && o < file_len => Some(TableEntry::Data(o)),
+                    _ => None,
+                }
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        "bitmap table",
+                        b.table_offset,
+                        format!("bitmap '{}' has an invalid table entry {e:#x}", b.name),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// The clusters `ranges` name are each referenced once (so freeing
