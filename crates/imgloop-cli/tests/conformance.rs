@@ -513,6 +513,8 @@ const MEASURE_NO_SECRET: &str = "qemu-img wants the secret to measure a LUKS tar
      sizes do not depend on the key, so imgloop measures without it";
 const AMEND_BITMAPS: &str = "qemu-img downgrades to compat=0.10 and leaks the persistent \
      bitmaps' clusters; imgloop refuses until the bitmaps are removed";
+const QCOW_COMPRESSED: &str = "qemu-img 10's `convert -c -O qcow` exits 1 without a \
+     message; imgloop writes the compressed qcow image, which qemu-img reads back identically";
 const DD_SKIP: &str = "qemu-img dd prints the error of a skip past the end but exits 0; \
      imgloop exits 1";
 const VHDX_MAP: &str = "qemu's vhdx driver has no block status and reports every byte as \
@@ -1394,6 +1396,180 @@ const MAKE: &[Case] = &[
         Text,
     )
     .differs(Aspect::Exit, DD_SKIP),
+    writes(
+        &[
+            "create",
+            "-f",
+            "parallels",
+            "-o",
+            "cluster_size=64k",
+            "@new.parallels",
+            "8M",
+        ],
+        &[],
+        Text,
+        &[("new.parallels", "parallels")],
+    ),
+    writes(
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "log_size=2M,block_state_zero=off",
+            "@new.vhdx",
+            "8M",
+        ],
+        &[],
+        Text,
+        &[("new.vhdx", "vhdx")],
+    ),
+    writes(
+        &[
+            "create",
+            "-f",
+            "qcow",
+            "-b",
+            "disk.raw",
+            "-F",
+            "raw",
+            "@new.qcow",
+        ],
+        ALL,
+        Text,
+        &[("new.qcow", "qcow")],
+    ),
+    writes(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=falloc",
+            "@new.qcow2",
+            "4M",
+        ],
+        &[],
+        Text,
+        &[("new.qcow2", "qcow2")],
+    ),
+    writes(
+        &[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=falloc",
+            "@new.raw",
+            "4M",
+        ],
+        &[],
+        Text,
+        &[("new.raw", "raw")],
+    ),
+    writes(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "@new.qcow2",
+            "64M",
+        ],
+        &[],
+        Text,
+        &[("new.qcow2", "qcow2")],
+    ),
+    writes(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=64",
+            "@new.qcow2",
+            "64M",
+        ],
+        &[],
+        Text,
+        &[("new.qcow2", "qcow2")],
+    ),
+    case(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,lazy_refcounts=on",
+            "@new.qcow2",
+            "1M",
+        ],
+        &[],
+        Ignore,
+    ),
+    case(
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "subformat=bogus",
+            "@new.vhdx",
+            "1M",
+        ],
+        &[],
+        Ignore,
+    ),
+    case(
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=256",
+            "@new.qcow2",
+            "1M",
+        ],
+        &[],
+        Ignore,
+    ),
+    writes(
+        &[
+            "convert",
+            "-O",
+            "vhdx",
+            "-o",
+            "subformat=fixed",
+            "@disk.qcow2",
+            "@out.vhdx",
+        ],
+        ALL,
+        Text,
+        &[("out.vhdx", "vhdx")],
+    ),
+    writes(
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "@disk.vhdx",
+            "@out.qcow2",
+        ],
+        ALL,
+        Text,
+        &[("out.qcow2", "qcow2")],
+    ),
+    writes(
+        &["convert", "-c", "-O", "qcow", "@disk.raw", "@out.qcow"],
+        ALL,
+        Text,
+        &[("out.qcow", "qcow")],
+    )
+    .differs(Aspect::Exit, QCOW_COMPRESSED),
 ];
 
 /// Commands that change an image in place.
