@@ -220,12 +220,9 @@ fn check_flags(a: &Args) -> Result<()> {
 /// granularity, enabled). An inconsistent one fails the command, or is
 /// left out with a warning under `--skip-broken-bitmaps`.
 fn bitmaps_to_copy(a: &Args, src: &Image) -> Result<Vec<(String, u64, bool)>> {
-    let Some(imgloop::driver::FormatSpecific::Qcow2(q)) = src.info().format_specific else {
+    let Some(q) = bitmap_capable(src) else {
         return Err(Error::unsupported("Source lacks bitmap support").in_file(&a.source));
     };
-    if q.compat != "1.1" {
-        return Err(Error::unsupported("Source lacks bitmap support").in_file(&a.source));
-    }
     let mut out = Vec::new();
     for b in q.bitmaps.unwrap_or_default() {
         let flag = |f: &str| b.flags.iter().any(|x| x == f);
@@ -248,9 +245,13 @@ fn bitmaps_to_copy(a: &Args, src: &Image) -> Result<Vec<(String, u64, bool)>> {
     Ok(out)
 }
 
-/// Whether an opened image keeps persistent bitmaps (qcow2 version 3).
-fn keeps_bitmaps(img: &Image) -> bool {
-    matches!(img.info().format_specific, Some(imgloop::driver::FormatSpecific::Qcow2(q)) if q.compat == "1.1")
+/// The qcow2 facts of an image that keeps persistent bitmaps (qcow2
+/// version 3); `None` for any other.
+fn bitmap_capable(img: &Image) -> Option<imgloop::driver::Qcow2Specific> {
+    match img.info().format_specific {
+        Some(imgloop::driver::FormatSpecific::Qcow2(q)) if q.compat == "1.1" => Some(q),
+        _ => None,
+    }
 }
 
 /// Adds each bitmap to `dst` and sets the bits `src` has.
@@ -349,7 +350,7 @@ fn convert(a: &Args) -> Result<()> {
         // Refused before the target is made (qemu-img creates it first).
         let v2 = options
             .get("compat")
-            .is_some_and(|c| c == "0.10" || c == "compat=0.10");
+            .is_some_and(|c| matches!(c.as_str(), "0.10" | "v2"));
         if !a.no_create && (a.out_format != "qcow2" || v2) {
             return Err(Error::unsupported(format!(
                 "Format driver '{}' does not support bitmaps",
@@ -397,7 +398,7 @@ fn convert(a: &Args) -> Result<()> {
         ))
         .in_file(&a.target));
     }
-    if a.bitmaps && !keeps_bitmaps(&dst) {
+    if a.bitmaps && bitmap_capable(&dst).is_none() {
         return Err(Error::unsupported(format!(
             "Format driver '{}' does not support bitmaps",
             dst.format()
