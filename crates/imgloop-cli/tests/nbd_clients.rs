@@ -353,3 +353,87 @@ fn the_kernel_client_reads_and_writes_an_export_where_the_kernel_has_nbd() {
     assert_eq!(cmp.code, 0, "{}", cmp.stdout);
     qemu_img(&["check", s(&img)]).ok();
 }
+
+/// Reads of raw exports over plain sockets are spliced from the file
+/// (no copy through the server); every kind of read reply must still
+/// carry the file's bytes: structured and simple replies, DF, data with
+/// holes, reads larger than the pipe, unaligned ranges, reads after
+/// writes through the server, and ranges past the end of a file that
+/// shrank under the server (zeroes, as qemu's file protocol reads them).
+#[test]
+fn spliced_read_replies_carry_the_file_bytes() {
+    let sc = Scratch::new();
+    let img = sc.path("splice.raw");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::create(&img).unwrap();
+        let mut x = 0x2545_f491_u32;
+        // 8 MiB: data, a 1 MiB hole at 3 MiB, data again.
+        for mib in 0..8u64 {
+            let block: Vec<u8> = (0..1 << 20)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            f.seek(SeekFrom::Start(mib << 20)).unwrap();
+            if mib != 3 {
+                f.write_all(&block).unwrap();
+            }
+        }
+        f.set_len(8 << 20).unwrap();
+    }
+    let srv = Server::start(&sc, &["-t", "-e", "4", "-f", "raw", s(&img)]);
+    let script = format!(
+        r#"
+import os
+path = {path:?}
+def file_bytes(off, n):
+    with open(path, "rb") as f:
+        f.seek(off)
+        b = f.read(n)
+    return b + bytes(n - len(b))
+h.connect_uri(uri)
+assert h.get_structured_replies_negotiated()
+ranges = [(0, 1 << 20), (4097, 65536), (1 << 20, (1 << 20) + 4097),
+          (2 << 20, 3 << 20), (7 << 20, 1 << 20), (12345, 200000),
+          (3 << 20, 1 << 20), (0, 8 << 20)]
+for off, n in ranges:
+    assert h.pread(n, off) == file_bytes(off, n), (off, n)
+    chunks = []
+    def chunk(sub, off2, status, err):
+        chunks.append((off2, len(sub)))
+        return 0
+    got = h.pread_structured(n, off, chunk, nbd.CMD_FLAG_DF)
+    assert got == file_bytes(off, n), ("DF", off, n)
+    assert chunks == [(off, n)], ("DF: one data chunk", chunks)
+# Writes through the server read back at once, spliced.
+h.pwrite(b"\xab" * 300000, (5 << 20) + 7)
+h.flush()
+assert h.pread(1 << 20, 5 << 20) == file_bytes(5 << 20, 1 << 20)
+assert h.pread(1 << 20, 5 << 20)[7:300007] == b"\xab" * 300000
+# Simple replies.
+g = nbd.NBD()
+g.set_request_structured_replies(False)
+g.connect_uri(uri)
+assert not g.get_structured_replies_negotiated()
+for off, n in ranges:
+    assert g.pread(n, off) == file_bytes(off, n), ("simple", off, n)
+# The file shrinks under the server: the part past its end reads as zeroes.
+os.truncate(path, (6 << 20) + 100)
+for c in (h, g):
+    got = c.pread(1 << 20, (6 << 20) - 4096)
+    assert got == file_bytes((6 << 20) - 4096, 1 << 20), "shrunk"
+    assert got[4196:] == bytes((1 << 20) - 4196)
+g.shutdown()
+h.shutdown()
+print("ok")
+"#,
+        path = s(&img)
+    );
+    let out = nbdsh(&srv.uri(""), &script);
+    assert!(out.contains("ok"), "{out}");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), (6 << 20) + 100);
+}

@@ -11,6 +11,7 @@
 mod handshake;
 pub mod proto;
 mod psk;
+mod splice;
 mod tls;
 mod transmission;
 
@@ -121,6 +122,17 @@ impl Conn {
                 Ok(())
             }
         };
+    }
+
+    /// The socket itself, when nothing (TLS) stands between this process
+    /// and the client: replies may then be spliced into it.
+    fn plain_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            Conn::Unix(s) => Some(s.as_fd()),
+            Conn::Tcp(s) => Some(s.as_fd()),
+            Conn::Tls(_) => None,
+        }
     }
 
     fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {

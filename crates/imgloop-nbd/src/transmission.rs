@@ -7,6 +7,7 @@
 
 use crate::handshake::{Session, CONTEXT_ALLOCATION, CONTEXT_BITMAP0, CONTEXT_DEPTH};
 use crate::proto::{self, cflag, chunk, cmd, errno, Request};
+use crate::splice::Pipe;
 use crate::{Conn, DetectZeroes, Export, ServerConfig, MAX_REQUEST};
 use imgloop::{ErrorKind, WriteFlags, ZeroFlags};
 use std::io::{self, Read, Write};
@@ -22,6 +23,8 @@ struct Work<'a> {
     req: Request,
     payload: &'a [u8],
     reply: &'a mut Vec<u8>,
+    /// The worker's pipe for spliced read replies (plain connections).
+    pipe: &'a mut Option<Pipe>,
 }
 
 /// The errno an imgloop error maps to.
@@ -147,6 +150,15 @@ fn worker(
     let mut payload = Vec::new();
     let mut reply = Vec::new();
     let export = &config.exports[s.export];
+    // Read replies of images whose data lies as-is in files go through a
+    // pipe, without a copy, where the socket is plain.
+    let plain = lock(writer).plain_fd().is_some();
+    let first = export.image.size().min(1);
+    let mut pipe = if plain && matches!(export.image.file_ranges(0, first), Ok(Some(_))) {
+        Pipe::new().ok()
+    } else {
+        None
+    };
     loop {
         let req = {
             let mut r = requests.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,6 +188,7 @@ fn worker(
             req,
             payload: &payload,
             reply: &mut reply,
+            pipe: &mut pipe,
         };
         if handle(export, s, writer, work).is_err() {
             // The client is gone; the next reader notices too.
@@ -191,8 +204,12 @@ fn worker(
     }
 }
 
+fn lock(writer: &Mutex<Conn>) -> std::sync::MutexGuard<'_, Conn> {
+    writer.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn send(writer: &Mutex<Conn>, parts: &[&[u8]]) -> io::Result<()> {
-    let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
+    let mut w = lock(writer);
     for p in parts {
         w.write_all(p)?;
     }
@@ -250,7 +267,7 @@ fn handle(e: &Export, s: &Session, writer: &Mutex<Conn>, work: Work) -> io::Resu
         {
             Err(errno::EINVAL)
         }
-        cmd::READ => return read(img, s, writer, req, work.reply),
+        cmd::READ => return read(img, s, writer, req, work.reply, work.pipe),
         cmd::BLOCK_STATUS => return block_status(e, s, writer, req, None),
         cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES if e.read_only => Err(errno::EPERM),
         cmd::WRITE
@@ -328,6 +345,7 @@ fn read(
     writer: &Mutex<Conn>,
     req: Request,
     out: &mut Vec<u8>,
+    pipe: &mut Option<Pipe>,
 ) -> io::Result<()> {
     let (off, len) = (req.offset, req.len);
     // `out` keeps its length (initialized bytes) from one request to the
@@ -338,6 +356,10 @@ fn read(
         }
     };
     if !s.structured {
+        let header = proto::simple_reply(req.cookie, 0);
+        if spliced(img, writer, pipe, &[(&header, Some((off, len)))])? {
+            return Ok(());
+        }
         let end = 16 + len as usize;
         room(out, end);
         return match img.read(&mut out[16..end], off) {
@@ -373,9 +395,32 @@ fn read(
         }
         pos += n;
     }
+    let last = pieces.len() - 1;
+    if pipe.is_some() {
+        let headers: Vec<(Vec<u8>, Option<GuestRange>)> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, n, zero))| {
+                let flags = if i == last { chunk::FLAG_DONE } else { 0 };
+                if zero {
+                    let mut h = chunk(s, req, flags, chunk::OFFSET_HOLE, 12);
+                    h.extend_from_slice(&p.to_be_bytes());
+                    h.extend_from_slice(&(n as u32).to_be_bytes());
+                    (h, None)
+                } else {
+                    let mut h = chunk(s, req, flags, chunk::OFFSET_DATA, 8 + n);
+                    h.extend_from_slice(&p.to_be_bytes());
+                    (h, Some((p, n)))
+                }
+            })
+            .collect();
+        let parts: Vec<ReplyPart> = headers.iter().map(|(h, d)| (&h[..], *d)).collect();
+        if spliced(img, writer, pipe, &parts)? {
+            return Ok(());
+        }
+    }
     // Every chunk goes into `out`, each data chunk read in place behind
     // its header, and the lot is sent with one write.
-    let last = pieces.len() - 1;
     let mut used = 0;
     let put = |out: &mut Vec<u8>, used: &mut usize, bytes: &[u8]| {
         room(out, *used + bytes.len());
@@ -408,6 +453,80 @@ fn read(
         }
     }
     send(writer, &[&out[..used]])
+}
+
+/// A guest range: (offset, length).
+type GuestRange = (u64, u64);
+
+/// Part of a read reply: bytes to send, then the guest data they
+/// announce (if any).
+type ReplyPart<'a> = (&'a [u8], Option<GuestRange>);
+
+/// Replies with less data than this are copied through a buffer: for
+/// small reads the pipe costs more than the copy it saves.
+const SPLICE_MIN: u64 = 64 << 10;
+
+/// Sends a read reply of `parts` (bytes, each followed by the guest
+/// range of data it announces, if any) with the data spliced from the
+/// image's files through `pipe`. All the data is staged in the pipe
+/// before anything is sent, so a range that cannot be spliced (not
+/// plainly in a file, larger than the pipe, a file that shrank) sends
+/// nothing and returns `Ok(false)`: the caller then reads through a
+/// buffer, which also reports errors properly. `Err`: the socket failed.
+fn spliced(
+    img: &imgloop::Image,
+    writer: &Mutex<Conn>,
+    pipe: &mut Option<Pipe>,
+    parts: &[ReplyPart],
+) -> io::Result<bool> {
+    let Some(p) = pipe.as_mut() else {
+        return Ok(false);
+    };
+    if p.held() != 0 {
+        // Left over from a reply that failed half-way: never send it.
+        *pipe = Pipe::new().ok();
+        return Ok(false);
+    }
+    let total: u64 = parts.iter().filter_map(|(_, d)| d.map(|d| d.1)).sum();
+    if total < SPLICE_MIN || total > p.capacity() as u64 {
+        return Ok(false);
+    }
+    // Held until the data is in the socket: the file handles.
+    let mut ranges = Vec::new();
+    for (_, data) in parts {
+        if let Some((off, len)) = *data {
+            match img.file_ranges(off, len) {
+                Ok(Some(r)) => ranges.push(r),
+                _ => return Ok(false),
+            }
+        }
+    }
+    for r in &ranges {
+        for (file, at, n) in r.iter() {
+            if p.fill(file, at, n as usize).is_err() {
+                // Whatever it took is stuck in it: start a new pipe.
+                *pipe = Pipe::new().ok();
+                return Ok(false);
+            }
+        }
+    }
+    let mut w = lock(writer);
+    let result = (|| {
+        for (bytes, data) in parts {
+            w.write_all(bytes)?;
+            if let Some((_, len)) = data {
+                let fd = w
+                    .plain_fd()
+                    .ok_or_else(|| io::Error::other("the connection is no longer plain"))?;
+                p.drain_to(fd, *len as usize)?;
+            }
+        }
+        w.flush()
+    })();
+    if result.is_err() {
+        *pipe = None;
+    }
+    result.map(|()| true)
 }
 
 /// BLOCK_STATUS: one chunk per selected context (or per context the

@@ -135,6 +135,16 @@ pub trait Driver: Send + Sync {
     /// bytes (1..=`max_len`) that answer holds.
     fn map(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)>;
 
+    /// True when the host place a [`Mapping::Data`] answer names holds
+    /// those guest bytes for as long as the image is open: no allocation
+    /// ever moves them or gives their place to other guest bytes (raw).
+    /// Only then may a reader hand the host pages themselves onward
+    /// ([`Image::file_ranges`](crate::Image::file_ranges)), to be read
+    /// after the request that mapped them has ended.
+    fn fixed_data_layout(&self) -> bool {
+        false
+    }
+
     /// Reads a range [`map`](Driver::map) called [`Mapping::Compressed`]
     /// or [`Mapping::Encrypted`].
     fn read_transformed(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {

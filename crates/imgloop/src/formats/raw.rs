@@ -154,6 +154,11 @@ impl Driver for RawDriver {
         ))
     }
 
+    fn fixed_data_layout(&self) -> bool {
+        // Guest offset N is host offset N, always.
+        true
+    }
+
     fn block_status(&self, offset: u64, max_len: u64) -> Result<BlockStatus> {
         let (data, len) = self
             .storage()

@@ -38,7 +38,7 @@ impl Touched {
 const ZERO_CHUNK: u64 = 1 << 20;
 
 impl Image {
-    fn storage(&self, id: StorageId) -> Result<&dyn Storage> {
+    pub(super) fn storage(&self, id: StorageId) -> Result<&dyn Storage> {
         self.driver
             .storages()
             .get(id.0 as usize)

@@ -9,11 +9,15 @@
 //!
 //! - `io`: the data path (read, write, write-zeroes, discard, compressed
 //!   writes, block status);
-//! - `open`: opening an image file and its backing chain, and `create`.
+//! - `open`: opening an image file and its backing chain, and `create`;
+//! - `file_ranges`: guest ranges that lie as-is in plain files, for
+//!   readers that pass host pages on without copying them.
 
+mod file_ranges;
 mod io;
 mod open;
 
+pub use file_ranges::FileRanges;
 pub use open::{create, file_id, same_file};
 
 use crate::driver::{BackingRef, CheckReport, Driver, Preallocation, RepairMode};
