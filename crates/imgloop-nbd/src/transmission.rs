@@ -396,23 +396,27 @@ fn read(
         pos += n;
     }
     let last = pieces.len() - 1;
-    if pipe.is_some() {
+    // The header of each piece's chunk (offset and length for a hole,
+    // the offset for data) and the data range it announces.
+    let header = |i: usize, (p, n, zero): (u64, u64, bool)| {
+        let flags = if i == last { chunk::FLAG_DONE } else { 0 };
+        if zero {
+            let mut h = chunk(s, req, flags, chunk::OFFSET_HOLE, 12);
+            h.extend_from_slice(&p.to_be_bytes());
+            h.extend_from_slice(&(n as u32).to_be_bytes());
+            (h, None)
+        } else {
+            let mut h = chunk(s, req, flags, chunk::OFFSET_DATA, 8 + n);
+            h.extend_from_slice(&p.to_be_bytes());
+            (h, Some((p, n)))
+        }
+    };
+    let data: u64 = pieces.iter().filter(|p| !p.2).map(|p| p.1).sum();
+    if pipe.is_some() && data >= SPLICE_MIN {
         let headers: Vec<(Vec<u8>, Option<GuestRange>)> = pieces
             .iter()
             .enumerate()
-            .map(|(i, &(p, n, zero))| {
-                let flags = if i == last { chunk::FLAG_DONE } else { 0 };
-                if zero {
-                    let mut h = chunk(s, req, flags, chunk::OFFSET_HOLE, 12);
-                    h.extend_from_slice(&p.to_be_bytes());
-                    h.extend_from_slice(&(n as u32).to_be_bytes());
-                    (h, None)
-                } else {
-                    let mut h = chunk(s, req, flags, chunk::OFFSET_DATA, 8 + n);
-                    h.extend_from_slice(&p.to_be_bytes());
-                    (h, Some((p, n)))
-                }
-            })
+            .map(|(i, &piece)| header(i, piece))
             .collect();
         let parts: Vec<ReplyPart> = headers.iter().map(|(h, d)| (&h[..], *d)).collect();
         if spliced(img, writer, pipe, &parts)? {
@@ -422,28 +426,12 @@ fn read(
     // Every chunk goes into `out`, each data chunk read in place behind
     // its header, and the lot is sent with one write.
     let mut used = 0;
-    let put = |out: &mut Vec<u8>, used: &mut usize, bytes: &[u8]| {
-        room(out, *used + bytes.len());
-        out[*used..*used + bytes.len()].copy_from_slice(bytes);
-        *used += bytes.len();
-    };
-    for (i, (p, n, zero)) in pieces.into_iter().enumerate() {
-        let flags = if i == last { chunk::FLAG_DONE } else { 0 };
-        if zero {
-            put(
-                out,
-                &mut used,
-                &chunk(s, req, flags, chunk::OFFSET_HOLE, 12),
-            );
-            put(out, &mut used, &p.to_be_bytes());
-            put(out, &mut used, &(n as u32).to_be_bytes());
-        } else {
-            put(
-                out,
-                &mut used,
-                &chunk(s, req, flags, chunk::OFFSET_DATA, 8 + n),
-            );
-            put(out, &mut used, &p.to_be_bytes());
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let (h, data) = header(i, piece);
+        room(out, used + h.len());
+        out[used..used + h.len()].copy_from_slice(&h);
+        used += h.len();
+        if let Some((p, n)) = data {
             let (at, end) = (used, used + n as usize);
             room(out, end);
             if let Err(e) = img.read(&mut out[at..end], p) {
